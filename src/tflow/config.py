@@ -1,0 +1,181 @@
+"""Run configuration: OmegaConf structured dataclasses, layered YAML files and dotlist overrides.
+
+A run is configured by `RunConfig` defaults <- YAML layers (in order) <- `key=value` overrides.
+Unknown keys and wrong types fail here, before any model is loaded, with the offending key named.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from tflow.errors import ConfigError
+
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class BackboneConfig:
+    """Where a backbone comes from. source: `asset` (offline registry name), `hub` (a hub id such
+    as Qwen/Qwen3-4B; needs internet) or `path` (a local transformers folder)."""
+
+    source: str = "asset"
+    name: str = "smollm2-135m-instruct"
+    dtype: str = "bfloat16"  # float32 | bfloat16 | float16 (bf16 is ~2x faster than fp32 on CPU)
+    device: str = "cpu"
+    revision: Optional[str] = None  # hub revision (commit/tag) for reproducible hub runs
+
+
+@dataclass
+class ModelConfig:
+    receiver: BackboneConfig = field(default_factory=BackboneConfig)
+    # None: the senders share the receiver's backbone instance (the TFlow release). A different
+    # backbone of the same family (e.g. a smaller sender) is allowed.
+    sender: Optional[BackboneConfig] = None
+    cache_dir: str = "${oc.env:TFLOW_CACHE,'~/.cache/tflow-repro'}"  # converted assets, conditions
+    threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
+
+
+@dataclass
+class AgentsConfig:
+    senders: list[str] = field(default_factory=lambda: ["strategist", "knowledge_extractor"])
+    receiver: str = "solver"
+    max_question_tokens: int = 256  # question span longer than this is cut (recorded in the log)
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 4
+    alpha: float = 8.0  # LoRA scale = alpha / rank
+    output_scale: float = 0.01  # multiplies both generated A and B (TFlow)
+    targets: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
+    layers: Optional[list[int]] = None  # None = every decoder layer
+
+
+@dataclass
+class GeneratorConfig:
+    width: int = 256  # TFlow uses 1024 for Qwen3-4B
+    depth: int = 2  # transformer blocks over parameter tokens
+    heads: int = 4
+    mlp_ratio: int = 2
+    tile_size: int = 192  # columns of a LoRA factor produced by one parameter token
+    sender_embedding: bool = True  # a learned per-role vector added to the condition
+
+
+@dataclass
+class FusionConfig:
+    name: str = "mean"  # mean | max | attention (see tflow.fusion.FUSIONS)
+    gate_width: int = 64  # attention fusion: width of the query/key projections
+
+
+@dataclass
+class DataConfig:
+    data_dir: str = "${oc.env:TFLOW_DATA_DIR,'../shared/data'}"
+    sources: list[str] = field(default_factory=lambda: ["gsm8k", "math"])  # + reasoning_gym
+    per_source_limit: int = 0  # 0 = all problems of each source (before decontamination)
+    reasoning_gym_size: int = 2000
+    decontaminate_against: list[str] = field(default_factory=lambda: ["gsm8k_test", "math500"])
+    ngram: int = 13  # word n-gram overlap that marks a training problem as contaminated
+    heldout_size: int = 64  # GSM8K test problems used for the held-out loss comparison
+    max_solution_tokens: int = 384
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 4
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 10
+    grad_clip: float = 1.0
+    l2_delta: float = 1e-3  # weight of the mean ||scale * B A||_F^2 penalty on generated weights
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 50
+    out_dir: str = "results/runs/default"
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    agents: AgentsConfig = field(default_factory=AgentsConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    backend: str = "torch"  # LoRA-apply backend (tflow_kernels.BACKENDS)
+    note: str = ""  # free text recorded with the run
+
+
+def load_config(layers: Sequence[str | Path | dict] = (), overrides: Sequence[str] = ()) -> DictConfig:
+    """Merge `layers` (YAML files or plain dicts, in order) then `key=value` `overrides` onto the
+    `RunConfig` schema and validate."""
+    cfg = OmegaConf.structured(RunConfig)
+    for layer in layers:
+        where = "config layer" if isinstance(layer, dict) else str(layer)
+        if not isinstance(layer, dict) and not Path(layer).is_file():
+            raise ConfigError(f"config file not found: {layer}")
+        try:
+            cfg = OmegaConf.merge(cfg, layer if isinstance(layer, dict) else OmegaConf.load(layer))
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"{where}: {_describe(err)}") from None
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"override {list(overrides)}: {_describe(err)}") from None
+    validate(cfg)
+    return cfg
+
+
+def _describe(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None)
+    msg = str(err).splitlines()[0]
+    return f"key '{key}': {msg}" if key else msg
+
+
+def validate(cfg: DictConfig) -> None:
+    """Semantic checks the schema cannot express (registries, ranges)."""
+    from tflow.fusion import FUSIONS
+    from tflow.agents import ROLES
+    from tflow_kernels import BACKENDS
+
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"key '{key}': {msg}")
+
+    need(cfg.fusion.name in FUSIONS, "fusion.name", f"unknown fusion {cfg.fusion.name!r}; choose from {sorted(FUSIONS)}")
+    need(cfg.backend in BACKENDS, "backend", f"unknown backend {cfg.backend!r}; choose from {sorted(BACKENDS)}")
+    need(cfg.lora.rank >= 1, "lora.rank", "must be >= 1")
+    need(len(cfg.lora.targets) > 0, "lora.targets", "needs at least one module name")
+    bad = [t for t in cfg.lora.targets if t not in ALL_PROJECTIONS]
+    need(not bad, "lora.targets", f"unknown projections {bad}; choose from {ALL_PROJECTIONS}")
+    need(len(cfg.agents.senders) >= 1, "agents.senders", "needs at least one sender role")
+    for key in ["agents.senders", "agents.receiver"]:
+        names = OmegaConf.select(cfg, key)
+        for name in [names] if isinstance(names, str) else names:
+            need(name in ROLES, key, f"unknown role {name!r}; choose from {sorted(ROLES)}")
+    need(cfg.generator.width % cfg.generator.heads == 0, "generator.width", "must be divisible by generator.heads")
+    need(cfg.generator.tile_size >= 1, "generator.tile_size", "must be >= 1")
+    for b, key in [(cfg.model.receiver, "model.receiver"), (cfg.model.sender, "model.sender")]:
+        if b is None:
+            continue
+        need(b.source in ("asset", "hub", "path"), f"{key}.source", "must be asset, hub or path")
+        need(b.dtype in ("float32", "bfloat16", "float16"), f"{key}.dtype", "must be float32, bfloat16 or float16")
+    unknown = [s for s in cfg.data.sources if s not in ("gsm8k", "math", "reasoning_gym")]
+    need(not unknown, "data.sources", f"unknown sources {unknown}; choose from gsm8k, math, reasoning_gym")
+    need(cfg.train.steps >= 1 and cfg.train.batch_size >= 1, "train", "steps and batch_size must be >= 1")
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def config_hash(cfg: DictConfig | dict[str, Any]) -> str:
+    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]

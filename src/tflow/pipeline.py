@@ -1,0 +1,166 @@
+"""TFlow end to end: sender conditions -> layer aggregator -> generator -> fusion -> LoRA delta,
+plus generator checkpoints that refuse to load against the wrong receiver or architecture."""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from tflow.agents import Conditions
+from tflow.errors import CheckpointError
+from tflow.fusion import FUSIONS, LoraDelta, fuse
+from tflow.generator import LayerAggregator, ModuleSpec, ParameterGenerator
+from tflow.models import Backbone, target_linears
+from tflow.utils import provenance, torch_save_atomic
+
+CHECKPOINT_FORMAT = "tflow-generator/1"
+# Config sections that define the trained object: a checkpoint only fits a run that agrees on them.
+ARCH_KEYS = ["agents.senders", "agents.receiver", "agents.max_question_tokens", "lora.rank", "lora.alpha",
+             "lora.output_scale", "lora.targets", "lora.layers", "generator", "fusion"]
+
+
+def module_specs(receiver: Backbone, targets: list[str], layers: list[int] | None) -> list[ModuleSpec]:
+    specs = []
+    for name, lin in target_linears(receiver.model, list(targets), None if layers is None else list(layers)).items():
+        _, i, proj = name.split(".")
+        specs.append(ModuleSpec(name, int(i), proj, lin.in_features, lin.out_features))
+    return specs
+
+
+class TFlow(nn.Module):
+    """The trainable part of TFlow: layer aggregator, parameter generator and fusion gate."""
+
+    def __init__(self, cfg: DictConfig, specs: list[ModuleSpec], sender_states: int, sender_dim: int,
+                 receiver_dim: int):
+        super().__init__()
+        g, lo = cfg.generator, cfg.lora
+        self.specs = specs
+        self.scale = lo.alpha / lo.rank
+        self.aggregator = LayerAggregator(sender_states)
+        self.generator = ParameterGenerator(
+            specs, sender_dim, len(cfg.agents.senders), lo.rank, width=g.width, depth=g.depth, heads=g.heads,
+            mlp_ratio=g.mlp_ratio, tile_size=g.tile_size, output_scale=lo.output_scale,
+            sender_embedding=g.sender_embedding)
+        self.fusion = FUSIONS[cfg.fusion.name](g.width, receiver_dim, cfg.fusion.gate_width)
+
+    def factors(self, cond: Conditions) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """Per-sender factors {name: (A [B,S,r,d_in], B [B,S,d_out,r])} and summaries [B, S, W]."""
+        pooled = self.aggregator(cond.states)  # [B, S, T, d]
+        return self.generator(pooled, cond.mask)
+
+    def forward(self, cond: Conditions, receiver_summary: torch.Tensor) -> tuple[LoraDelta, dict[str, torch.Tensor]]:
+        """Returns the fused delta and {name: ||scale * B_s A_s||_F^2 [B, S]} for the L2 penalty/logs."""
+        factors, summary = self.factors(cond)
+        return fuse(factors, self.fusion, summary, receiver_summary, self.scale), delta_sq_norms(factors, self.scale)
+
+
+def delta_sq_norms(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], scale: float) -> dict[str, torch.Tensor]:
+    """||scale * B A||_F^2 per row and sender, via trace((A A^T)(B^T B)) in r x r."""
+    out = {}
+    for name, (a, b) in factors.items():
+        aat = a @ a.transpose(-1, -2)  # [B, S, r, r]
+        btb = b.transpose(-1, -2) @ b  # [B, S, r, r]
+        out[name] = scale ** 2 * (aat * btb).sum((-1, -2))  # [B, S]
+    return out
+
+
+@torch.no_grad()
+def receiver_summary(receiver: Backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean input-token embedding of the receiver's prompt: [B, d_r] (read by attention fusion)."""
+    emb = receiver.model.get_input_embeddings()(input_ids.to(receiver.device)).float()  # [B, T, d]
+    m = attention_mask.to(emb.device).float().unsqueeze(-1)
+    return (emb * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def zero_delta_like(delta: LoraDelta) -> LoraDelta:
+    """The delta-W = 0 control: same hooks and shapes, every factor zero."""
+    from tflow.fusion import ModuleDelta
+    return LoraDelta(delta.mode, {n: ModuleDelta(torch.zeros_like(d.a), torch.zeros_like(d.b))
+                                  for n, d in delta.modules.items()}, delta.batch, delta.sender_weights)
+
+
+def build_tflow(cfg: DictConfig, receiver: Backbone, sender: Backbone) -> TFlow:
+    specs = module_specs(receiver, cfg.lora.targets, cfg.lora.layers)
+    return TFlow(cfg, specs, sender.num_layers + 1, sender.hidden_size, receiver.hidden_size)
+
+
+def _arch(cfg: DictConfig) -> dict[str, Any]:
+    full = OmegaConf.to_container(cfg, resolve=True)
+    out = {}
+    for key in ARCH_KEYS:
+        node = full
+        for part in key.split("."):
+            node = node[part]
+        out[key] = node
+    return out
+
+
+def save_generator(path: str | Path, tflow: TFlow, cfg: DictConfig, receiver: Backbone, sender: Backbone,
+                   **extra: Any) -> None:
+    ckpt = {
+        "format": CHECKPOINT_FORMAT,
+        "state_dict": tflow.state_dict(),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "arch": _arch(cfg),
+        "receiver": receiver.fingerprint(),
+        "sender": sender.fingerprint(),
+        "specs": [asdict(s) for s in tflow.specs],
+        "provenance": provenance(),
+        **extra,
+    }
+    torch_save_atomic(ckpt, path)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"generator checkpoint not found: {path}. Train one first "
+                              "(python -m tflow.train ...); TFlow never runs an untrained generator silently.")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
+    return ckpt
+
+
+def load_generator(path: str | Path, cfg: DictConfig, receiver: Backbone, sender: Backbone) -> TFlow:
+    """Rebuild the TFlow module of a checkpoint and check it fits `cfg` and the loaded backbones."""
+    ckpt = read_checkpoint(path)
+    problems = []
+    want = _arch(cfg)
+    for k, v in ckpt["arch"].items():
+        if want.get(k) != v:
+            problems.append(f"{k}: checkpoint {v!r} vs run {want.get(k)!r}")
+    for role, bb in (("receiver", receiver), ("sender", sender)):
+        fp = bb.fingerprint()
+        for k, v in ckpt[role].items():
+            if fp.get(k) != v:
+                problems.append(f"{role}.{k}: checkpoint {v!r} vs loaded {fp.get(k)!r}")
+    if problems:
+        raise CheckpointError(f"generator checkpoint {path} does not fit this run:\n  " + "\n  ".join(problems))
+    tflow = build_tflow(cfg, receiver, sender)
+    tflow.load_state_dict(ckpt["state_dict"])
+    return tflow.to(receiver.device).eval()
+
+
+def load_backbones(cfg: DictConfig) -> tuple[Backbone, Backbone]:
+    """(receiver, sender); the sender is the receiver's instance unless `model.sender` is set."""
+    from tflow.models import load_backbone
+
+    if cfg.model.threads:
+        torch.set_num_threads(cfg.model.threads)
+    receiver = load_backbone(cfg.model.receiver, cfg.model.cache_dir)
+    sender = receiver if cfg.model.sender is None else load_backbone(cfg.model.sender, cfg.model.cache_dir)
+    return receiver, sender
+
+
+def delta_for(tflow: TFlow, receiver: Backbone, per_example: list[list[torch.Tensor]], batch: dict[str, torch.Tensor],
+              ) -> tuple[LoraDelta, dict[str, torch.Tensor]]:
+    """Fused delta for a batch: per_example[b][s] = sender s's condition [L+1, T, d] for row b;
+    `batch` is the receiver's tokenised prompt batch (for the attention-fusion summary)."""
+    cond = Conditions.collate(per_example, device=receiver.device)
+    summary = receiver_summary(receiver, batch["input_ids"], batch["attention_mask"])
+    return tflow(cond, summary)

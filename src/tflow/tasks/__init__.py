@@ -1,0 +1,1 @@
+"""Benchmarks: one module each (load, prompt, extract, score)."""

@@ -1,0 +1,184 @@
+"""Train the generator: receiver next-token loss on reference solutions, backbones frozen.
+
+    python -m tflow.train --config config/run/cpu.yaml [key=value ...]
+
+Writes into `train.out_dir`: config.yaml (resolved), train_log.jsonl (loss, grad norm, |delta-W|
+per layer), ckpt/last.pt (resumable state), generator.pt (final), train_summary.json. Rerunning
+the same command resumes from the last checkpoint and continues exactly as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from tflow.agents import ConditionCache, receiver_batch
+from tflow.errors import ConfigError, cli
+from tflow.config import config_hash, load_config, to_yaml
+from tflow.data import Problem, TrainingSet, training_set
+from tflow.lora import TransientLoRA
+from tflow.models import Backbone, target_linears
+from tflow.pipeline import TFlow, build_tflow, delta_for, load_backbones, save_generator, zero_delta_like
+from tflow.utils import provenance, rng_state, seed_everything, set_rng_state, torch_save_atomic, write_json_atomic, write_text_atomic
+
+log = logging.getLogger("tflow.train")
+
+
+def receiver_loss(tflow: TFlow, receiver: Backbone, linears: dict, conds: list[list[torch.Tensor]],
+                  problems: Sequence[Problem], cfg: DictConfig, zero_delta: bool = False,
+                  ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], int]:
+    """Mean next-token cross-entropy of the receiver on the problems' reference solutions with the
+    generated transient LoRA (or delta-W = 0 with the same hooks).
+    Returns (ce, l2 penalty, {module: ||delta-W||^2 [B, S]}, number of scored tokens)."""
+    batch = receiver_batch(receiver.tokenizer, cfg.agents.receiver, [p.question for p in problems],
+                           [p.solution for p in problems], cfg.data.max_solution_tokens, padding_side="right")
+    delta, sq = delta_for(tflow, receiver, conds, batch)
+    if zero_delta:
+        delta = zero_delta_like(delta)
+    batch = {k: v.to(receiver.device) for k, v in batch.items()}
+    with TransientLoRA(linears, delta, backend=cfg.backend):
+        ce = receiver.model(**batch).loss
+    l2 = torch.stack([v.mean() for v in sq.values()]).mean()
+    return ce, l2, sq, int((batch["labels"][:, 1:] != -100).sum())
+
+
+def layer_norms(sq: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Mean |delta-W|_F per decoder layer (over modules, rows and senders)."""
+    per: dict[str, list[float]] = {}
+    for name, v in sq.items():
+        per.setdefault(name.split(".")[1], []).append(v.detach().clamp_min(0).sqrt().mean().item())
+    return {k: sum(v) / len(v) for k, v in per.items()}
+
+
+def lr_at(step: int, cfg: DictConfig) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    frac = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+    return t.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def batch_problems(problems: list[Problem], step: int, bs: int) -> list[Problem]:
+    """Deterministic in `step`, so a resumed run sees exactly the batches it would have seen."""
+    return [problems[(step * bs + j) % len(problems)] for j in range(bs)]
+
+
+def train(cfg: DictConfig, progress: bool = True, stop_after: int | None = None,
+          backbones: tuple[Backbone, Backbone] | None = None, problems: list[Problem] | None = None) -> Path | None:
+    """Train (or resume) the generator described by `cfg`; returns the final checkpoint's path.
+
+    stop_after: leave after this many steps of *this* invocation with a resumable checkpoint and
+    return None (time-sliced cluster jobs). backbones / problems: use these instead of loading
+    the configured ones (tests, notebooks)."""
+    out = Path(cfg.train.out_dir)
+    final = out / "generator.pt"
+    if final.is_file():
+        log.info("%s exists: training already finished (delete it to retrain)", final)
+        return final
+    ckpt_path = out / "ckpt" / "last.pt"
+    out.mkdir(parents=True, exist_ok=True)
+    chash = config_hash(cfg)
+    write_text_atomic(out / "config.yaml", to_yaml(cfg))
+    seed_everything(cfg.train.seed)
+
+    data = training_set(cfg.data, cfg.train.seed) if problems is None else TrainingSet(problems, {"given": {"kept": len(problems)}})
+    problems = data.problems[:min(len(data.problems), cfg.train.steps * cfg.train.batch_size)]
+    receiver, sender = backbones or load_backbones(cfg)
+    linears = target_linears(receiver.model, list(cfg.lora.targets), None if cfg.lora.layers is None else list(cfg.lora.layers))
+    cache = ConditionCache(cfg.model.cache_dir, sender.ident, cfg.agents.max_question_tokens)
+    conds_by_role = {role: dict(zip([p.id for p in problems],
+                                    cache.get(sender, role, [p.question for p in problems], progress=progress)))
+                     for role in cfg.agents.senders}
+
+    tflow = build_tflow(cfg, receiver, sender).to(receiver.device)
+    opt = torch.optim.AdamW(tflow.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    start = 0
+    if ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if state["config_hash"] != chash:
+            raise ConfigError(f"{ckpt_path} was written with another config (hash {state['config_hash']} != {chash}); "
+                              f"use a new train.out_dir or delete {out}")
+        tflow.load_state_dict(state["model"])
+        opt.load_state_dict(state["optim"])
+        set_rng_state(state["rng"])
+        start = state["step"]
+        log.info("resuming from step %d (%s)", start, ckpt_path)
+    log_path = out / "train_log.jsonl"
+    _truncate_log(log_path, start)
+
+    n_params = sum(p.numel() for p in tflow.parameters())
+    log.info("generator: %.2fM trainable parameters, %d target modules, %d generated values per sender per query; "
+             "%d training problems (%s)", n_params / 1e6, len(tflow.specs), tflow.generator.num_generated_values(),
+             len(problems), {k: v["kept"] for k, v in data.sources.items()})
+    tflow.train()
+    bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc="train generator",
+               disable=not progress)
+    with open(log_path, "a") as log_file:
+        for step in bar:
+            t0 = time.perf_counter()
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg)
+            probs = batch_problems(problems, step, cfg.train.batch_size)
+            conds = [[conds_by_role[r][p.id] for r in cfg.agents.senders] for p in probs]
+            ce, l2, sq, _ = receiver_loss(tflow, receiver, linears, conds, probs, cfg)
+            loss = ce + cfg.train.l2_delta * l2
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(tflow.parameters(), cfg.train.grad_clip)
+            opt.step()
+            bar.set_postfix(loss=f"{ce.item():.4f}")
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps - 1:
+                rec = {"step": step, "loss": ce.item(), "l2": l2.item(), "grad_norm": gnorm.item(),
+                       "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
+                       "delta_w_norm_per_layer": layer_norms(sq)}
+                log_file.write(json.dumps(rec) + "\n")
+                log_file.flush()
+            stopping = stop_after is not None and step + 1 - start >= stop_after and step + 1 < cfg.train.steps
+            if stopping or ((step + 1) % cfg.train.ckpt_every == 0 and step + 1 < cfg.train.steps):
+                torch_save_atomic({"model": tflow.state_dict(), "optim": opt.state_dict(), "step": step + 1,
+                                   "rng": rng_state(), "config_hash": chash}, ckpt_path)
+            if stopping:
+                log.info("stopping after step %d as asked; rerun to resume", step + 1)
+                return None
+    save_generator(final, tflow.eval(), cfg, receiver, sender, trained_steps=cfg.train.steps, config_hash=chash,
+                   data_sources=data.sources, decontamination_removed=data.removed)
+    write_json_atomic(out / "train_summary.json", {
+        "steps": cfg.train.steps, "trainable_parameters": n_params, "training_problems": len(problems),
+        "data_sources": data.sources, "decontamination_removed": data.removed, "seed": cfg.train.seed,
+        "config": OmegaConf.to_container(cfg, resolve=True), "provenance": provenance()})
+    return final
+
+
+def _truncate_log(path: Path, start: int) -> None:
+    """Drop log lines past the resume point, so a resumed log has no duplicate steps."""
+    if not path.is_file():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < start]
+    write_text_atomic(path, "".join(ln + "\n" for ln in lines))
+
+
+@cli
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", action="append", default=[], help="YAML layer (repeatable, applied in order)")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=50 lora.rank=8")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--stop-after", type=int, help="leave after N steps with a resumable checkpoint")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg = load_config(args.config, args.overrides)
+    final = train(cfg, progress=not args.no_progress, stop_after=args.stop_after)
+    print(final or f"stopped early; rerun the same command to resume from {cfg.train.out_dir}/ckpt/last.pt")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Training, resume, checkpoints and PEFT export on tiny random models."""
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+
+from tflow.agents import receiver_batch, sender_states
+from tflow.config import load_config
+from tflow.data import Problem
+from tflow.errors import CheckpointError, TFlowError
+from tflow.export import export_peft
+from tflow.lora import TransientLoRA
+from tflow.models import target_linears
+from tflow.pipeline import build_tflow, delta_for, load_generator, read_checkpoint
+
+from conftest import TINY_OVERRIDES, make_backbone
+
+PROBLEMS = [Problem(f"t/{i}", f"What is {i} plus {i + 1}? Compute it.", f"The answer is {2 * i + 1}.", str(2 * i + 1))
+            for i in range(8)]
+
+
+def _cfg(tmp_path, *extra):
+    return load_config(overrides=TINY_OVERRIDES + [f"model.cache_dir={tmp_path / 'cache'}",
+                                                   f"train.out_dir={tmp_path / 'run'}", "train.log_every=1",
+                                                   "train.warmup_steps=1", *extra])
+
+
+def test_training_overfits_eight_examples(tiny_tokenizer, tmp_path):
+    from tflow.train import train
+
+    # a wider init lets the tiny model's logits get sharp (with 0.02 they stay within ~0.6 of uniform)
+    bb = make_backbone(tiny_tokenizer, hidden=64, init_range=0.5)
+    cfg = _cfg(tmp_path, "train.steps=200", "train.batch_size=8", "train.lr=1e-2", "train.l2_delta=0",
+               "lora.rank=8", "generator.width=64", "generator.depth=2")
+    final = train(cfg, progress=False, backbones=(bb, bb), problems=PROBLEMS)
+    log = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    first, last = log[0]["loss"], min(r["loss"] for r in log[-5:])
+    uniform = torch.log(torch.tensor(float(len(tiny_tokenizer)))).item()
+    assert last < first / 5 and last < uniform / 3, (first, last, uniform)  # memorised, not just flattened
+    assert log[-1]["delta_w_norm_per_layer"]["0"] > 0
+    ckpt = read_checkpoint(final)
+    assert ckpt["trained_steps"] == 200 and ckpt["receiver"]["ident"] == "tiny:llama"
+
+
+def _train_state(tmp_path, backbone, stop_after=None, resume=False):
+    from tflow.train import train
+
+    cfg = _cfg(tmp_path, "train.steps=6", "train.batch_size=2", "train.ckpt_every=100")
+    return train(cfg, progress=False, stop_after=stop_after, backbones=(backbone, backbone), problems=PROBLEMS)
+
+
+def test_resume_equals_uninterrupted_training(tiny_tokenizer, tmp_path):
+    bb = make_backbone(tiny_tokenizer)
+    straight = read_checkpoint(_train_state(tmp_path / "a", bb))
+    assert _train_state(tmp_path / "b", bb, stop_after=4) is None  # interrupted after 4 of 6 steps
+    assert (tmp_path / "b" / "run" / "ckpt" / "last.pt").is_file()
+    resumed = read_checkpoint(_train_state(tmp_path / "b", bb))
+    for k, v in straight["state_dict"].items():
+        assert torch.equal(v, resumed["state_dict"][k]), k
+    steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == list(range(6))  # no duplicated log lines after the resume
+
+
+def test_resume_refuses_a_changed_config(tiny_tokenizer, tmp_path):
+    from tflow.train import train
+
+    bb = make_backbone(tiny_tokenizer)
+    assert _train_state(tmp_path, bb, stop_after=2) is None
+    cfg = _cfg(tmp_path, "train.steps=6", "train.batch_size=2", "train.ckpt_every=100", "train.lr=0.5")
+    with pytest.raises(TFlowError, match="another config"):
+        train(cfg, progress=False, backbones=(bb, bb), problems=PROBLEMS)
+
+
+def test_checkpoint_mismatch_is_an_error(tiny_tokenizer, tmp_path):
+    bb = make_backbone(tiny_tokenizer)
+    final = _train_state(tmp_path, bb)
+    good = _cfg(tmp_path)
+    load_generator(final, good, bb, bb)  # fits
+    with pytest.raises(CheckpointError, match="lora.rank"):
+        load_generator(final, _cfg(tmp_path, "lora.rank=8"), bb, bb)
+    other = make_backbone(tiny_tokenizer, hidden=48, ident="tiny:wider")
+    with pytest.raises(CheckpointError, match="receiver.hidden_size"):
+        load_generator(final, good, other, bb)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_generator(tmp_path / "missing.pt", good, bb, bb)
+
+
+def test_peft_export_reproduces_transient_logits(tiny_backbone, tiny_cfg, tmp_path):
+    tflow = build_tflow(tiny_cfg, tiny_backbone, tiny_backbone)
+    for name, head in tflow.generator.heads.items():
+        torch.nn.init.normal_(head.weight, std=0.3)
+    q = "What is 3 plus 4? Compute it."
+    per = [[sender_states(tiny_backbone, r, [q], 64)[0][0] for r in tiny_cfg.agents.senders]]
+    batch = receiver_batch(tiny_backbone.tokenizer, "solver", [q])
+    delta, _ = delta_for(tflow, tiny_backbone, per, batch)
+    linears = target_linears(tiny_backbone.model, list(tiny_cfg.lora.targets))
+    with torch.no_grad():
+        base = tiny_backbone.model(**batch).logits
+        with TransientLoRA(linears, delta):
+            transient = tiny_backbone.model(**batch).logits
+        out = export_peft(delta, 0, tiny_backbone.model, linears, tmp_path / "adapter")
+        peft_model = PeftModel.from_pretrained(tiny_backbone.model, out)
+        exported = peft_model(**batch).logits
+    assert (transient - base).abs().max() > 1e-3
+    torch.testing.assert_close(exported, transient, rtol=1e-4, atol=1e-4)  # fp32, different op order
+
+
+def test_max_fusion_cannot_be_exported(tiny_backbone, tmp_path):
+    cfg = load_config(overrides=TINY_OVERRIDES + ["fusion.name=max"])
+    tflow = build_tflow(cfg, tiny_backbone, tiny_backbone)
+    q = "What is 3 plus 4?"
+    per = [[sender_states(tiny_backbone, r, [q], 64)[0][0] for r in cfg.agents.senders]]
+    delta, _ = delta_for(tflow, tiny_backbone, per, receiver_batch(tiny_backbone.tokenizer, "solver", [q]))
+    linears = target_linears(tiny_backbone.model, list(cfg.lora.targets))
+    with pytest.raises(TFlowError, match="max"):
+        export_peft(delta, 0, tiny_backbone.model, linears, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
