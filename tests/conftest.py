@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,6 +55,12 @@ def make_backbone(tokenizer, seed: int = 0, hidden: int = 32, layers: int = 2, i
 @pytest.fixture
 def tiny_backbone(tiny_tokenizer):
     return make_backbone(tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> str:
+    """The offline data folder: $TFLOW_DATA_DIR, else ../shared/data beside the repository."""
+    return os.environ.get("TFLOW_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 TINY_OVERRIDES = [

@@ -1,0 +1,15 @@
+# Helper functions of the workflow (the only place for Python functions, by convention).
+import shlex
+
+
+def run_dir():
+    return f"results/runs/{config['run_name']}"
+
+
+def overrides(*extra):
+    """key=value arguments for the package's entry points (config overrides + rule-specific)."""
+    return " ".join(shlex.quote(o) for o in [*config.get("overrides", []), *extra])
+
+
+def config_args():
+    return " ".join(f"--config {shlex.quote(p)}" for p in config["run_config"])
