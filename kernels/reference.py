@@ -41,8 +41,9 @@ class TorchBackend:
         return at, bt
 
     @staticmethod
-    def apply(out: torch.Tensor, x: torch.Tensor, at: torch.Tensor, bt: torch.Tensor, mode: str) -> torch.Tensor:
-        """Return out + delta(x) (in place when gradients are off)."""
+    def apply(out: torch.Tensor, x: torch.Tensor, handle: tuple[torch.Tensor, torch.Tensor], mode: str) -> torch.Tensor:
+        """Return out + delta(x) (in place when gradients are off); handle = prepare(...)."""
+        at, bt = handle
         flat = x.dim() == 2  # a Linear can be called on [B, d_in]
         if flat:
             x, out = x.unsqueeze(1), out.unsqueeze(1)

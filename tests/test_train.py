@@ -70,6 +70,9 @@ def test_resume_refuses_a_changed_config(tiny_tokenizer, tmp_path):
     cfg = _cfg(tmp_path, "train.steps=6", "train.batch_size=2", "train.ckpt_every=100", "train.lr=0.5")
     with pytest.raises(TFlowError, match="another config"):
         train(cfg, progress=False, backbones=(bb, bb), problems=PROBLEMS)
+    assert _train_state(tmp_path, bb) is not None  # the original config resumes and finishes
+    with pytest.raises(TFlowError, match="another config"):  # a finished run is not silently reused
+        train(cfg, progress=False, backbones=(bb, bb), problems=PROBLEMS)
 
 
 def test_checkpoint_mismatch_is_an_error(tiny_tokenizer, tmp_path):

@@ -106,24 +106,30 @@ class ConditionCache:
         key = hashlib.sha256(f"{self.sender_ident}\n{ROLES[role]}\n{self.max_tokens}\n{question}".encode()).hexdigest()
         return self.root / role / key[:2] / f"{key}.pt"
 
+    def ensure(self, sender: Backbone | None, role: str, questions: Sequence[str], batch_size: int = 8,
+               progress: bool = False) -> None:
+        """Compute (with `sender`) and store the conditions that are not cached yet."""
+        paths = {q: self.path(role, q) for q in questions}
+        missing = [q for q, p in paths.items() if not p.is_file()]
+        if not missing:
+            return
+        if sender is None:
+            raise FileNotFoundError(f"{len(missing)} {role} conditions are not cached under {self.root}")
+        if sender.ident != self.sender_ident:
+            raise ValueError(f"cache is for {self.sender_ident}, got sender {sender.ident}")
+        step = batch_size * 4
+        for k in tqdm(range(0, len(missing), step), desc=f"sender prefill [{role}]", disable=not progress):
+            chunk = missing[k:k + step]
+            states, _ = sender_states(sender, role, chunk, self.max_tokens, batch_size)
+            for q, s in zip(chunk, states):
+                with atomic_path(paths[q]) as tmp:
+                    torch.save(s, tmp)
+
     def get(self, sender: Backbone | None, role: str, questions: Sequence[str], batch_size: int = 8,
             progress: bool = False) -> list[torch.Tensor]:
-        """Load cached conditions; compute (with `sender`) and store the missing ones."""
-        paths = [self.path(role, q) for q in questions]
-        missing = sorted({i for i, p in enumerate(paths) if not p.is_file()})
-        if missing:
-            if sender is None:
-                raise FileNotFoundError(f"{len(missing)} {role} conditions are not cached under {self.root}")
-            if sender.ident != self.sender_ident:
-                raise ValueError(f"cache is for {self.sender_ident}, got sender {sender.ident}")
-            bar = tqdm(range(0, len(missing), batch_size * 4), desc=f"sender prefill [{role}]", disable=not progress)
-            for k in bar:
-                idx = missing[k:k + batch_size * 4]
-                states, _ = sender_states(sender, role, [questions[i] for i in idx], self.max_tokens, batch_size)
-                for i, s in zip(idx, states):
-                    with atomic_path(paths[i]) as tmp:
-                        torch.save(s, tmp)
-        return [torch.load(p, weights_only=True) for p in paths]
+        """Conditions for `questions` ([L+1, T_q, d] each), computing the missing ones first."""
+        self.ensure(sender, role, questions, batch_size, progress)
+        return [torch.load(self.path(role, q), weights_only=True) for q in questions]
 
 
 @dataclass

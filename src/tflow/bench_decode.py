@@ -52,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--senders", type=int, default=2)
+    ap.add_argument("--backends", default="torch,cpu_fused", help="comma-separated LoRA-apply backends to compare")
     ap.add_argument("--out", help="CSV of every timing; a .json summary is written beside it")
     ap.add_argument("overrides", nargs="*", help="run-config key=value (model.receiver.*, backend, lora.targets)")
     args = ap.parse_args(argv)
@@ -62,11 +63,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     questions = [p.question for p in load_gsm8k(cfg.data.data_dir, "test")[0][: args.batch]]
     batch = receiver_batch(receiver.tokenizer, cfg.agents.receiver, questions)
     batch = {k: v.to(receiver.device) for k, v in batch.items()}
-    variants = {"no_lora": None,
-                "lora_mean": random_delta(linears, args.batch, args.senders, args.rank, "sum"),
-                "lora_max": random_delta(linears, args.batch, args.senders, args.rank, "max")}
+    mean = random_delta(linears, args.batch, args.senders, args.rank, "sum")
+    variants: dict[str, tuple[LoraDelta | None, str]] = {"no_lora": (None, "")}
+    for backend in args.backends.split(","):
+        variants[f"mean/{backend}"] = (mean, backend)
+    variants["max/torch"] = (random_delta(linears, args.batch, args.senders, args.rank, "max"), "torch")
 
-    def run(delta: LoraDelta | None) -> tuple[float, float]:
+    def run(delta: LoraDelta | None, backend: str) -> tuple[float, float]:
         timer = PrefillTimer()
         kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
                   pad_token_id=receiver.tokenizer.pad_token_id, streamer=timer)
@@ -75,23 +78,24 @@ def main(argv: Sequence[str] | None = None) -> None:
             if delta is None:
                 receiver.model.generate(**batch, **kw)
             else:
-                with TransientLoRA(linears, delta, backend=cfg.backend):
+                with TransientLoRA(linears, delta, backend=backend):
                     receiver.model.generate(**batch, **kw)
         total = time.perf_counter() - t0
         return total, timer.split()[1]
 
-    run(None)  # warm-up
+    for delta, backend in variants.values():  # warm-up (and the cpu_fused build)
+        run(delta, backend)
     rows = []
     for rep in range(args.repeats):
-        for name, delta in variants.items():
-            total, decode = run(delta)
+        for name, (delta, backend) in variants.items():
+            total, decode = run(delta, backend)
             rows.append({"variant": name, "repeat": rep, "total_s": total, "decode_s": decode})
-            print(f"repeat {rep} {name:>8}: total {total:.3f} s, decode {decode:.3f} s")
+            print(f"repeat {rep} {name:>15}: total {total:.3f} s, decode {decode:.3f} s")
     best = {v: {k: min(r[k] for r in rows if r["variant"] == v) for k in ("total_s", "decode_s")} for v in variants}
     base = best["no_lora"]
     decode_tokens = args.batch * (args.new_tokens - 1)
     summary = {"batch": args.batch, "new_tokens": args.new_tokens, "rank": args.rank, "senders": args.senders,
-               "targets": list(cfg.lora.targets), "modules": len(linears), "backend": cfg.backend,
+               "targets": list(cfg.lora.targets), "modules": len(linears),
                "receiver": receiver.ident, "dtype": cfg.model.receiver.dtype, "threads": torch.get_num_threads(),
                "variants": {v: {**b, "decode_tokens_per_s": decode_tokens / b["decode_s"],
                                 "decode_overhead": b["decode_s"] / base["decode_s"] - 1,
@@ -101,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"{args.senders} senders x rank {args.rank}, {len(linears)} modules, {cfg.model.receiver.dtype}, "
           f"{torch.get_num_threads()} threads")
     for v, s in summary["variants"].items():
-        print(f"  {v:>8}: decode {s['decode_tokens_per_s']:7.1f} tok/s  decode overhead {100 * s['decode_overhead']:+6.2f}%"
+        print(f"  {v:>15}: decode {s['decode_tokens_per_s']:7.1f} tok/s  decode overhead {100 * s['decode_overhead']:+6.2f}%"
               f"  whole-generate overhead {100 * s['total_overhead']:+6.2f}%")
     if args.out:
         with open(args.out, "w", newline="") as f:

@@ -38,8 +38,8 @@ class TransientLoRA:
         prepared = {n: self.backend.prepare(d.a, d.b, self.delta.mode, self.factor_dtype)
                     for n, d in self.delta.modules.items()}
         try:
-            for name, (at, bt) in prepared.items():
-                self.handles.append(self.linears[name].register_forward_hook(self._hook(name, at, bt)))
+            for name, factors in prepared.items():
+                self.handles.append(self.linears[name].register_forward_hook(self._hook(name, factors)))
         except BaseException:
             self._remove()
             raise
@@ -53,7 +53,7 @@ class TransientLoRA:
             h.remove()
         self.handles.clear()
 
-    def _hook(self, name: str, at: torch.Tensor, bt: torch.Tensor):
+    def _hook(self, name: str, factors: Any):
         batch, mode, apply = self.delta.batch, self.delta.mode, self.backend.apply
 
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
@@ -61,7 +61,7 @@ class TransientLoRA:
             if x.shape[0] != batch:
                 raise RuntimeError(f"{name}: input batch {x.shape[0]} != {batch} rows of generated deltas "
                                    "(beam search / num_return_sequences>1 are not supported)")
-            return apply(out, x, at, bt, mode)
+            return apply(out, x, factors, mode)
 
         return hook
 

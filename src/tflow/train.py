@@ -81,12 +81,16 @@ def train(cfg: DictConfig, progress: bool = True, stop_after: int | None = None,
     the configured ones (tests, notebooks)."""
     out = Path(cfg.train.out_dir)
     final = out / "generator.pt"
+    chash = config_hash(cfg)
     if final.is_file():
-        log.info("%s exists: training already finished (delete it to retrain)", final)
+        done = torch.load(final, map_location="cpu", weights_only=False).get("config_hash")
+        if done != chash:
+            raise ConfigError(f"{final} was trained with another config (hash {done} != {chash}); "
+                              f"use a new train.out_dir or delete {out}")
+        log.info("%s exists for this config: training already finished", final)
         return final
     ckpt_path = out / "ckpt" / "last.pt"
     out.mkdir(parents=True, exist_ok=True)
-    chash = config_hash(cfg)
     write_text_atomic(out / "config.yaml", to_yaml(cfg))
     seed_everything(cfg.train.seed)
 
@@ -95,9 +99,8 @@ def train(cfg: DictConfig, progress: bool = True, stop_after: int | None = None,
     receiver, sender = backbones or load_backbones(cfg)
     linears = target_linears(receiver.model, list(cfg.lora.targets), None if cfg.lora.layers is None else list(cfg.lora.layers))
     cache = ConditionCache(cfg.model.cache_dir, sender.ident, cfg.agents.max_question_tokens)
-    conds_by_role = {role: dict(zip([p.id for p in problems],
-                                    cache.get(sender, role, [p.question for p in problems], progress=progress)))
-                     for role in cfg.agents.senders}
+    for role in cfg.agents.senders:  # senders are frozen: one prefill per question, ever (read per batch)
+        cache.ensure(sender, role, [p.question for p in problems], progress=progress)
 
     tflow = build_tflow(cfg, receiver, sender).to(receiver.device)
     opt = torch.optim.AdamW(tflow.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -128,7 +131,8 @@ def train(cfg: DictConfig, progress: bool = True, stop_after: int | None = None,
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
             probs = batch_problems(problems, step, cfg.train.batch_size)
-            conds = [[conds_by_role[r][p.id] for r in cfg.agents.senders] for p in probs]
+            by_role = [cache.get(None, r, [p.question for p in probs]) for r in cfg.agents.senders]
+            conds = [list(per_problem) for per_problem in zip(*by_role)]  # [problem][sender]
             ce, l2, sq, _ = receiver_loss(tflow, receiver, linears, conds, probs, cfg)
             loss = ce + cfg.train.l2_delta * l2
             opt.zero_grad(set_to_none=True)

@@ -1,0 +1,62 @@
+// Fused CPU LoRA-apply for TFlow's transient, per-row deltas (inference, no autograd):
+//   out[b, t, :] += (x[b, t, :] @ a[b]^T) @ bt[b]       a: [B, R, d_in] fp32, bt: [B, R, d_out] fp32
+// One op per Linear call instead of four eager ops (cast, shrink, expand, add); the rank-R
+// intermediate and the accumulation are fp32, the result is rounded once into out's dtype.
+// Rows are processed serially for decode-sized work and in parallel (ATen's pool) for prefill.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <vector>
+
+template <typename scalar_t>
+static void rows_kernel(const scalar_t* x, const float* a, const float* bt, scalar_t* out,
+                        int64_t B, int64_t T, int64_t I, int64_t R, int64_t O,
+                        int64_t xs_b, int64_t xs_t, int64_t os_b, int64_t os_t, int64_t grain) {
+  at::parallel_for(0, B * T, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> xf(I), xa(R), acc(O);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / T, t = row % T;
+      const scalar_t* xr = x + b * xs_b + t * xs_t;
+      for (int64_t i = 0; i < I; ++i) xf[i] = static_cast<float>(xr[i]);
+      const float* A = a + b * R * I;                  // [R, I]
+      for (int64_t r = 0; r < R; ++r) {
+        const float* ar = A + r * I;
+        float s = 0.f;
+        #pragma omp simd reduction(+:s)
+        for (int64_t i = 0; i < I; ++i) s += xf[i] * ar[i];
+        xa[r] = s;
+      }
+      const float* Bt = bt + b * R * O;                // [R, O]
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t r = 0; r < R; ++r) {
+        const float s = xa[r];
+        const float* br = Bt + r * O;
+        #pragma omp simd
+        for (int64_t o = 0; o < O; ++o) acc[o] += s * br[o];
+      }
+      scalar_t* orow = out + b * os_b + t * os_t;
+      for (int64_t o = 0; o < O; ++o) orow[o] = static_cast<scalar_t>(static_cast<float>(orow[o]) + acc[o]);
+    }
+  });
+}
+
+// out[b, t, :] += (x[b, t, :] @ a[b]^T) @ bt[b]   (in place; returns out)
+torch::Tensor lora_add_(torch::Tensor out, torch::Tensor x, torch::Tensor a, torch::Tensor bt) {
+  TORCH_CHECK(x.dim() == 3 && out.dim() == 3, "x and out must be [B, T, d]");
+  TORCH_CHECK(a.scalar_type() == at::kFloat && bt.scalar_type() == at::kFloat, "factors must be float32");
+  TORCH_CHECK(a.is_contiguous() && bt.is_contiguous(), "factors must be contiguous");
+  TORCH_CHECK(x.scalar_type() == out.scalar_type(), "x and out dtypes differ");
+  TORCH_CHECK(x.stride(2) == 1 && out.stride(2) == 1, "last dim must be contiguous");
+  const int64_t B = x.size(0), T = x.size(1), I = x.size(2), R = a.size(1), O = out.size(2);
+  TORCH_CHECK(a.size(0) == B && a.size(2) == I && bt.size(0) == B && bt.size(1) == R && bt.size(2) == O, "shape mismatch");
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(1, I * R + R * O));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tflow_lora_add_", [&] {
+    rows_kernel<scalar_t>(x.data_ptr<scalar_t>(), a.data_ptr<float>(), bt.data_ptr<float>(), out.data_ptr<scalar_t>(),
+                          B, T, I, R, O, x.stride(0), x.stride(1), out.stride(0), out.stride(1), grain);
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("lora_add_", &lora_add_, "out[b,t] += (x[b,t] @ a[b]^T) @ bt[b], in place (fp32 factors, no autograd)");
+}
