@@ -1,4 +1,5 @@
 # Helper functions of the workflow (the only place for Python functions, by convention).
+import os
 import shlex
 
 

@@ -49,7 +49,7 @@ rule gsm8k_quickstart:
     params:
         n=config["gsm8k_problems"],
         max_new_tokens=config["max_new_tokens"],
-        out=f"results/{config['run_name']}/gsm8k",
+        out=lambda wildcards, output: os.path.dirname(output.summary),
         overrides=overrides(),
     log:
         f"logs/{config['run_name']}/gsm8k_quickstart.log",
