@@ -88,9 +88,8 @@ def sender_states(sender: Backbone, role: str, questions: Sequence[str], max_tok
             mask[j, :len(p.input_ids)] = 1
         out = sender.model(input_ids=ids.to(sender.device), attention_mask=mask.to(sender.device),
                            output_hidden_states=True, use_cache=False)
-        hidden = torch.stack(out.hidden_states, dim=1)  # [b, L+1, width, d]
-        for j, p in enumerate(chunk):
-            states.append(hidden[j, :, p.start:p.end].to("cpu", copy=True))  # [L+1, T_q, d]
+        for j, p in enumerate(chunk):  # L+1 tensors of [b, width, d] -> [L+1, T_q, d] for row j
+            states.append(torch.stack([h[j, p.start:p.end] for h in out.hidden_states]).to("cpu", copy=True))
     return states, [len(p.input_ids) for p in prompts]
 
 

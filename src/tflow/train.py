@@ -90,6 +90,10 @@ def train(cfg: DictConfig, progress: bool = True, stop_after: int | None = None,
         log.info("%s exists for this config: training already finished", final)
         return final
     ckpt_path = out / "ckpt" / "last.pt"
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.is_file() else None
+    if state is not None and state["config_hash"] != chash:
+        raise ConfigError(f"{ckpt_path} was written with another config (hash {state['config_hash']} != {chash}); "
+                          f"use a new train.out_dir or delete {out}")
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.yaml", to_yaml(cfg))
     seed_everything(cfg.train.seed)
@@ -105,11 +109,7 @@ def train(cfg: DictConfig, progress: bool = True, stop_after: int | None = None,
     tflow = build_tflow(cfg, receiver, sender).to(receiver.device)
     opt = torch.optim.AdamW(tflow.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     start = 0
-    if ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if state["config_hash"] != chash:
-            raise ConfigError(f"{ckpt_path} was written with another config (hash {state['config_hash']} != {chash}); "
-                              f"use a new train.out_dir or delete {out}")
+    if state is not None:
         tflow.load_state_dict(state["model"])
         opt.load_state_dict(state["optim"])
         set_rng_state(state["rng"])
