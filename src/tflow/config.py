@@ -109,7 +109,7 @@ class RunConfig:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    backend: str = "torch"  # LoRA-apply backend (tflow_kernels.BACKENDS)
+    backend: str = "auto"  # LoRA-apply backend: auto (triton on CUDA, cpu_fused on CPU) | torch | cpu_fused | triton
     note: str = ""  # free text recorded with the run
 
 
