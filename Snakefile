@@ -13,6 +13,7 @@ validate(config, "workflow/schemas/config.schema.yaml")
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/quickstart.smk"
+include: "workflow/rules/kernels.smk"
 
 
 rule all:

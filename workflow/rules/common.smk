@@ -14,3 +14,10 @@ def overrides(*extra):
 
 def config_args():
     return " ".join(f"--config {shlex.quote(p)}" for p in config["run_config"])
+
+
+def kernel_bench_csvs():
+    """The committed kernel benchmark CSVs (CPU always; CUDA where one was measured)."""
+    found = [f"results/reference/bench_kernels_{d}.csv" for d in ("cpu", "cuda")
+             if os.path.exists(f"results/reference/bench_kernels_{d}.csv")]
+    return found or ["results/reference/bench_kernels_cpu.csv"]
