@@ -34,8 +34,11 @@ def extension() -> Any:
     """Build (once per machine) and load the C++ extension."""
     global _EXTENSION
     if _EXTENSION is None:
+        import logging
+
         from torch.utils.cpp_extension import load
 
+        logging.getLogger(__name__).info("loading the cpu_fused LoRA op (compiled once per machine, ~40 s)")
         flags = _cpu_flags()
         name = "tflow_lora_cpu_" + ("avx2" if flags else "generic")
         try:

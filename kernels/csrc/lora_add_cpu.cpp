@@ -6,7 +6,26 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <vector>
+
+// Element conversions written so the compiler can vectorise the loops (bf16 <-> fp32 as bit ops,
+// round-to-nearest-even; NaN payloads are not preserved, which a LoRA update never produces).
+template <typename T> static inline float to_f32(T v) { return static_cast<float>(v); }
+template <> inline float to_f32<c10::BFloat16>(c10::BFloat16 v) {
+  uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+template <typename T> static inline T from_f32(float f) { return static_cast<T>(f); }
+template <> inline c10::BFloat16 from_f32<c10::BFloat16>(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  bits += 0x7FFFu + ((bits >> 16) & 1u);
+  return c10::BFloat16(static_cast<uint16_t>(bits >> 16), c10::BFloat16::from_bits());
+}
 
 template <typename scalar_t>
 static void rows_kernel(const scalar_t* x, const float* a, const float* bt, scalar_t* out,
@@ -17,9 +36,10 @@ static void rows_kernel(const scalar_t* x, const float* a, const float* bt, scal
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / T, t = row % T;
       const scalar_t* xr = x + b * xs_b + t * xs_t;
-      for (int64_t i = 0; i < I; ++i) xf[i] = static_cast<float>(xr[i]);
+      #pragma omp simd
+      for (int64_t i = 0; i < I; ++i) xf[i] = to_f32(xr[i]);
       const float* A = a + b * R * I;                  // [R, I]
-      for (int64_t r = 0; r < R; ++r) {
+      for (int64_t r = 0; r < R; ++r) {                // shrink: xa = x A^T  (fp32)
         const float* ar = A + r * I;
         float s = 0.f;
         #pragma omp simd reduction(+:s)
@@ -28,14 +48,15 @@ static void rows_kernel(const scalar_t* x, const float* a, const float* bt, scal
       }
       const float* Bt = bt + b * R * O;                // [R, O]
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t r = 0; r < R; ++r) {
+      for (int64_t r = 0; r < R; ++r) {                // expand: acc = xa B^T  (fp32)
         const float s = xa[r];
         const float* br = Bt + r * O;
         #pragma omp simd
         for (int64_t o = 0; o < O; ++o) acc[o] += s * br[o];
       }
       scalar_t* orow = out + b * os_b + t * os_t;
-      for (int64_t o = 0; o < O; ++o) orow[o] = static_cast<scalar_t>(static_cast<float>(orow[o]) + acc[o]);
+      #pragma omp simd
+      for (int64_t o = 0; o < O; ++o) orow[o] = from_f32<scalar_t>(to_f32(orow[o]) + acc[o]);
     }
   });
 }
