@@ -62,6 +62,15 @@ class CpuFusedBackend:
         return ("fused", (a.float().contiguous(), b.transpose(-1, -2).float().contiguous()))  # [B,R,d_in], [B,R,d_out]
 
     @staticmethod
+    def bind(handle: tuple, mode: str):
+        """A direct `(out, x) -> out` for the hook (no per-call Python dispatch), or None."""
+        kind, (a, bt) = handle
+        if kind != "fused":
+            return None
+        op = extension().lora_add_
+        return lambda out, x: op(out, x, a, bt)
+
+    @staticmethod
     def apply(out: torch.Tensor, x: torch.Tensor, handle: tuple, mode: str) -> torch.Tensor:
         kind, factors = handle
         if kind == "reference" or torch.is_grad_enabled():
@@ -69,9 +78,4 @@ class CpuFusedBackend:
                 a, bt = factors
                 factors = (a.transpose(1, 2), bt)
             return TorchBackend.apply(out, x, factors, mode)
-        flat = x.dim() == 2
-        x3, out3 = (x.unsqueeze(1), out.unsqueeze(1)) if flat else (x, out)
-        if x3.stride(-1) != 1:
-            x3 = x3.contiguous()
-        extension().lora_add_(out3, x3, *factors)
-        return out
+        return extension().lora_add_(out, x, *factors)

@@ -61,6 +61,11 @@ class AutoBackend:
         return (backend, backend.prepare(a, b, mode, dtype))
 
     @staticmethod
+    def bind(handle: tuple, mode: str):
+        backend, inner = handle
+        return getattr(backend, "bind", lambda *_: None)(inner, mode)
+
+    @staticmethod
     def apply(out: torch.Tensor, x: torch.Tensor, handle: tuple, mode: str) -> torch.Tensor:
         backend, inner = handle
         return backend.apply(out, x, inner, mode)

@@ -69,13 +69,14 @@ def test_trained_delta_changes_logits_and_hooks_are_removed(tiny_backbone, tiny_
     other.remove()
 
 
-def test_hooks_removed_after_exception(tiny_backbone, tiny_cfg):
+@pytest.mark.parametrize("backend", ["torch", "cpu_fused"])
+def test_hooks_removed_after_exception(tiny_backbone, tiny_cfg, backend):
     tflow = build_tflow(tiny_cfg, tiny_backbone, tiny_backbone)
     batch = receiver_batch(tiny_backbone.tokenizer, "solver", QUESTIONS)
     delta, _ = delta_for(tflow, tiny_backbone, _conds(tiny_backbone, tiny_cfg), batch)
     linears = target_linears(tiny_backbone.model, list(tiny_cfg.lora.targets))
     with pytest.raises(RuntimeError, match="batch"):
-        with TransientLoRA(linears, delta), torch.no_grad():
+        with torch.no_grad(), TransientLoRA(linears, delta, backend=backend):
             tiny_backbone.model(input_ids=batch["input_ids"][:1])  # wrong batch size -> error in a hook
     assert active_hook_count(linears) == 0
 

@@ -63,11 +63,20 @@ static void rows_kernel(const scalar_t* x, const float* a, const float* bt, scal
 
 // out[b, t, :] += (x[b, t, :] @ a[b]^T) @ bt[b]   (in place; returns out)
 torch::Tensor lora_add_(torch::Tensor out, torch::Tensor x, torch::Tensor a, torch::Tensor bt) {
+  TORCH_CHECK(!(at::GradMode::is_enabled() && (x.requires_grad() || a.requires_grad() || bt.requires_grad())),
+              "lora_add_ has no backward: call it with autograd off (the reference path trains)");
+  if (x.dim() == 2 && out.dim() == 2) {  // a Linear called on [B, d]
+    lora_add_(out.unsqueeze(1), x.unsqueeze(1), a, bt);
+    return out;
+  }
   TORCH_CHECK(x.dim() == 3 && out.dim() == 3, "x and out must be [B, T, d]");
+  TORCH_CHECK(x.size(0) == a.size(0), "input batch ", x.size(0), " != ", a.size(0),
+              " rows of generated deltas (beam search / num_return_sequences>1 are not supported)");
+  if (x.stride(2) != 1) x = x.contiguous();
   TORCH_CHECK(a.scalar_type() == at::kFloat && bt.scalar_type() == at::kFloat, "factors must be float32");
   TORCH_CHECK(a.is_contiguous() && bt.is_contiguous(), "factors must be contiguous");
   TORCH_CHECK(x.scalar_type() == out.scalar_type(), "x and out dtypes differ");
-  TORCH_CHECK(x.stride(2) == 1 && out.stride(2) == 1, "last dim must be contiguous");
+  TORCH_CHECK(out.stride(2) == 1, "out's last dim must be contiguous");
   const int64_t B = x.size(0), T = x.size(1), I = x.size(2), R = a.size(1), O = out.size(2);
   TORCH_CHECK(a.size(0) == B && a.size(2) == I && bt.size(0) == B && bt.size(1) == R && bt.size(2) == O, "shape mismatch");
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(1, I * R + R * O));

@@ -55,6 +55,9 @@ class TransientLoRA:
 
     def _hook(self, name: str, factors: Any):
         batch, mode, apply = self.delta.batch, self.delta.mode, self.backend.apply
+        bound = getattr(self.backend, "bind", lambda *_: None)(factors, mode)
+        if bound is not None:  # the backend checks batch and autograd itself, in one call
+            return lambda module, args, out: bound(out, args[0])
 
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
             x = args[0]
