@@ -15,6 +15,7 @@ import time
 from typing import Sequence
 
 import torch
+from omegaconf import OmegaConf
 
 from tflow.accounting import PrefillTimer
 from tflow.agents import receiver_batch
@@ -100,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                "variants": {v: {**b, "decode_tokens_per_s": decode_tokens / b["decode_s"],
                                 "decode_overhead": b["decode_s"] / base["decode_s"] - 1,
                                 "total_overhead": b["total_s"] / base["total_s"] - 1} for v, b in best.items()},
-               "provenance": provenance()}
+               "config": OmegaConf.to_container(cfg, resolve=True), "provenance": provenance()}
     print(f"\nminimum over {args.repeats} interleaved repeats; batch {args.batch}, {args.new_tokens} new tokens, "
           f"{args.senders} senders x rank {args.rank}, {len(linears)} modules, {cfg.model.receiver.dtype}, "
           f"{torch.get_num_threads()} threads")

@@ -198,7 +198,10 @@ def training_set(data_cfg: Any, seed: int) -> TrainingSet:
     return TrainingSet(problems, sources, removed)
 
 
-def heldout_gsm8k(data_dir: str | Path, n: int, seed: int = 1234) -> list[Problem]:
+HELDOUT_SEED = 1234
+
+
+def heldout_gsm8k(data_dir: str | Path, n: int, seed: int = HELDOUT_SEED) -> list[Problem]:
     """A fixed, seeded subset of GSM8K test with reference solutions (never trained on)."""
     test, _ = load_gsm8k(data_dir, "test")
     return random.Random(seed).sample(test, min(n, len(test)))

@@ -14,7 +14,9 @@ import torch
 from tqdm.auto import tqdm
 
 from tflow.agents import ConditionCache
-from tflow.data import heldout_gsm8k
+from omegaconf import OmegaConf
+
+from tflow.data import HELDOUT_SEED, heldout_gsm8k, load_gsm8k
 from tflow.errors import cli
 from tflow.infer import TFlowAgents, config_from_checkpoint
 from tflow.train import receiver_loss
@@ -61,7 +63,9 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"  receiver CE with delta-W = 0:        {res['ce_zero_delta']:.4f} (ppl {res['ppl_zero_delta']:.3f})\n"
           f"  relative change: {100 * res['relative_change']:+.2f}%")
     if args.out:
-        write_json_atomic(args.out, {**res, "checkpoint": args.checkpoint, "provenance": provenance()})
+        _, source = load_gsm8k(cfg.data.data_dir, "test")
+        write_json_atomic(args.out, {**res, "checkpoint": args.checkpoint, "heldout_seed": HELDOUT_SEED, "data": source,
+                                     "config": OmegaConf.to_container(cfg, resolve=True), "provenance": provenance()})
 
 
 if __name__ == "__main__":

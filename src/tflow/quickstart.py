@@ -15,6 +15,7 @@ import random
 from pathlib import Path
 from typing import Sequence
 
+from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from tflow.data import load_gsm8k
@@ -73,6 +74,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     write_text_atomic(out / "records.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     write_json_atomic(out / "summary.json", {"variants": summary, "checkpoint": args.checkpoint, "seed": args.seed,
                                              "max_new_tokens": args.max_new_tokens, "data": source,
+                                             "config": OmegaConf.to_container(cfg, resolve=True),
                                              "provenance": provenance()})
     print(f"\nGSM8K test, {args.n} problems (seed {args.seed}), greedy, max {args.max_new_tokens} new tokens")
     for variant, s in summary.items():
