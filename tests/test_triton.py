@@ -62,29 +62,6 @@ def test_kernel_matrix_against_reference(dtype, mode):
         _check(mode, B, T, K, N, R, S, dtype, seed=R * 10 + S)
 
 
-def test_backend_in_a_transient_lora(tiny_backbone, tiny_cfg):
-    """backend=triton inside TransientLoRA gives the reference's logits (fp32 tiny model)."""
-    from tflow.agents import receiver_batch, sender_states
-    from tflow.lora import TransientLoRA
-    from tflow.models import target_linears
-    from tflow.pipeline import build_tflow, delta_for
-
-    tflow = build_tflow(tiny_cfg, tiny_backbone, tiny_backbone)
-    for head in tflow.generator.heads.values():
-        torch.nn.init.normal_(head.weight, std=0.3)
-    qs = ["What is 3 plus 4?", "How many clips did Natalia sell?"]
-    per = [[sender_states(tiny_backbone, r, [q], 64)[0][0] for r in tiny_cfg.agents.senders] for q in qs]
-    batch = receiver_batch(tiny_backbone.tokenizer, "solver", qs)
-    linears = target_linears(tiny_backbone.model, list(tiny_cfg.lora.targets))
-    with torch.no_grad():
-        delta, _ = delta_for(tflow, tiny_backbone, per, batch)
-        with TransientLoRA(linears, delta, backend="torch"):
-            want = tiny_backbone.model(**batch).logits
-        with TransientLoRA(linears, delta, backend="triton"):
-            got = tiny_backbone.model(**batch).logits
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("mode", ["sum", "max"])
