@@ -68,12 +68,14 @@ def test_transient_lora_backends_agree_on_a_model(tiny_backbone, tiny_cfg):
     from tflow.models import target_linears
     from tflow.pipeline import build_tflow, delta_for
 
-    tflow = build_tflow(tiny_cfg, tiny_backbone, tiny_backbone)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # triton runs natively on a GPU, interpreted on CPU
+    tiny_backbone.model.to(device)
+    tflow = build_tflow(tiny_cfg, tiny_backbone, tiny_backbone).to(device)
     for head in tflow.generator.heads.values():
         torch.nn.init.normal_(head.weight, std=0.3)
     qs = ["What is 3 plus 4?", "How many clips did Natalia sell?"]
     per = [[sender_states(tiny_backbone, r, [q], 64)[0][0] for r in tiny_cfg.agents.senders] for q in qs]
-    batch = receiver_batch(tiny_backbone.tokenizer, "solver", qs)
+    batch = {k: v.to(device) for k, v in receiver_batch(tiny_backbone.tokenizer, "solver", qs).items()}
     linears = target_linears(tiny_backbone.model, list(tiny_cfg.lora.targets))
     with torch.no_grad():
         delta, _ = delta_for(tflow, tiny_backbone, per, batch)
