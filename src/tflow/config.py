@@ -101,6 +101,30 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """One evaluation run: a method on a (subset of a) benchmark (see tflow.evaluate)."""
+
+    task: str = "gsm8k"  # gsm8k | math500 | mmlu_redux | humanevalplus | mbppplus
+    source: str = "offline"  # offline (shared data folder / packages) | hub (datasets / evalplus downloads)
+    n: Optional[int] = None  # problems in the subset (seeded by subset_seed); None = the whole set
+    subset_seed: int = 0
+    method: str = "single"  # see tflow.methods.METHODS
+    checkpoint: Optional[str] = None  # generator.pt (tflow methods) or adapter folder (static_lora)
+    max_new_tokens: int = 512  # the receiver's budget; hitting it is recorded as truncated
+    do_sample: bool = False  # greedy by default
+    temperature: float = 0.6
+    top_p: float = 0.95
+    batch_size: int = 8
+    seed: int = 0  # sampling seed and the shuffled-condition permutation
+    textmas_preset: str = "long"  # long: senders write up to 1024 tokens (paper); short48: exactly 48 each
+    message_tokens: Optional[int] = None  # overrides the preset's sender message budget
+    ac_sender_layer: Optional[int] = None  # activation communication: sender layer k (None: round(0.93 L))
+    ac_receiver_layer: Optional[int] = None  # receiver layer j (None: round(0.93 L)); negative counts from the end
+    ac_op: str = "replace"  # replace | sum | mean
+    out_dir: str = "results/eval/default"
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     agents: AgentsConfig = field(default_factory=AgentsConfig)
@@ -109,6 +133,7 @@ class RunConfig:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     backend: str = "auto"  # LoRA-apply backend: auto (triton on CUDA, cpu_fused on CPU) | torch | cpu_fused | triton
     note: str = ""  # free text recorded with the run
 
@@ -170,6 +195,18 @@ def validate(cfg: DictConfig) -> None:
     unknown = [s for s in cfg.data.sources if s not in ("gsm8k", "math", "reasoning_gym")]
     need(not unknown, "data.sources", f"unknown sources {unknown}; choose from gsm8k, math, reasoning_gym")
     need(cfg.train.steps >= 1 and cfg.train.batch_size >= 1, "train", "steps and batch_size must be >= 1")
+    from tflow.methods import METHODS, TEXTMAS_PRESETS
+    from tflow.tasks import TASKS
+
+    ev = cfg.eval
+    need(ev.task in TASKS, "eval.task", f"unknown task {ev.task!r}; choose from {sorted(TASKS)}")
+    need(ev.method in METHODS, "eval.method", f"unknown method {ev.method!r}; choose from {sorted(METHODS)}")
+    need(ev.source in ("offline", "hub"), "eval.source", "must be offline or hub")
+    need(ev.n is None or ev.n >= 1, "eval.n", "must be >= 1 (or null for the whole set)")
+    need(ev.max_new_tokens >= 1 and ev.batch_size >= 1, "eval", "max_new_tokens and batch_size must be >= 1")
+    need(ev.ac_op in ("replace", "sum", "mean"), "eval.ac_op", f"unknown op {ev.ac_op!r}; choose replace, sum or mean")
+    need(ev.textmas_preset in TEXTMAS_PRESETS, "eval.textmas_preset",
+         f"unknown preset {ev.textmas_preset!r}; choose from {sorted(TEXTMAS_PRESETS)}")
 
 
 def to_yaml(cfg: DictConfig) -> str:

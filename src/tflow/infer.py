@@ -53,20 +53,29 @@ class TFlowAgents:
 
     @torch.no_grad()
     def answer(self, questions: Sequence[str], max_new_tokens: int = 256, do_sample: bool = False,
-               temperature: float = 0.6, top_p: float = 0.95, zero_delta: bool = False) -> list[Answer]:
-        """Answer one batch. `zero_delta=True` is the delta-W = 0 control (same prompt, same hooks)."""
+               temperature: float = 0.6, top_p: float = 0.95, zero_delta: bool = False,
+               receiver_prompts: Sequence[str] | None = None,
+               condition_questions: Sequence[str] | None = None) -> list[Answer]:
+        """Answer one batch. `zero_delta=True` is the delta-W = 0 control (same prompt, same hooks).
+        `receiver_prompts` (default: the questions) is the receiver's user message, e.g. the question
+        plus a task's answer-format instruction; `condition_questions` (default: the questions) is what
+        the senders read (the shuffled-condition control passes other problems' questions)."""
         cfg, acc = self.cfg, Accounting()
         n = len(questions)
+        sender_inputs = list(condition_questions if condition_questions is not None else questions)
+        prompts = list(receiver_prompts if receiver_prompts is not None else questions)
+        if len(sender_inputs) != n or len(prompts) != n:
+            raise ValueError("questions, receiver_prompts and condition_questions must have the same length")
         per_row = [Accounting() for _ in questions]
         per_example: list[list[torch.Tensor]] = [[] for _ in questions]
         for role in cfg.agents.senders:
             with acc.phase("sender_prefill"):
-                states, prompt_tokens = sender_states(self.sender, role, questions, cfg.agents.max_question_tokens,
-                                                      batch_size=max(1, n))
+                states, prompt_tokens = sender_states(self.sender, role, sender_inputs,
+                                                      cfg.agents.max_question_tokens, batch_size=max(1, n))
             for i, (s, t) in enumerate(zip(states, prompt_tokens)):
                 per_example[i].append(s)
                 per_row[i].add_tokens(f"sender:{role}", prompt=t)
-        batch = receiver_batch(self.receiver.tokenizer, cfg.agents.receiver, questions, padding_side="left")
+        batch = receiver_batch(self.receiver.tokenizer, cfg.agents.receiver, prompts, padding_side="left")
         with acc.phase("generator"):
             delta, _ = delta_for(self.tflow, self.receiver, per_example, batch)
             if zero_delta:

@@ -1,0 +1,169 @@
+"""Evaluate one method on one benchmark: a JSON line per problem and a metrics.json.
+
+    python -m tflow.evaluate --config config/run/cpu.yaml eval.task=gsm8k eval.method=single \\
+        eval.n=32 eval.out_dir=results/eval/gsm8k-single
+    python -m tflow.evaluate ... eval.method=tflow eval.checkpoint=results/runs/cpu/generator.pt
+
+Writes into `eval.out_dir`:
+  config.yaml    the resolved config this run uses (written first; a rerun must match it)
+  records.jsonl  one line per problem: task_id, method, prediction, extracted, gold, correct, detail
+                 (base/plus status for code), truncated, tokens per agent, processed_tokens, seconds
+                 per phase (and the senders' messages for textmas)
+  metrics.json   accuracy (code: base and plus pass@1), truncation rate, processed tokens and
+                 seconds (totals and per-problem means, per agent and per phase), peak memory, the
+                 subset's task ids, the data source and version, resolved config and provenance
+Resume: rerunning the same command skips problems already recorded (a torn last line from an
+interruption is dropped first), so no problem is redone or duplicated. Another config in the same
+out_dir is an error naming the fix.
+
+"Processed tokens" of a problem = every agent's prompt tokens + every agent's generated tokens
+(TextMAS senders' prompts and messages, TFlow senders' prefills, the receiver's prompt and answer).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from tflow.config import config_hash, load_config, to_yaml
+from tflow.errors import ConfigError, cli
+from tflow.methods import build_method
+from tflow.tasks import get_task, subset
+from tflow.utils import provenance, seed_everything, write_json_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Complete records of an earlier (possibly interrupted) run; a torn last line is cut off the file."""
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        log.warning("%s: dropping a torn last line (%d bytes) from an interrupted run", path, len(data) - end)
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    return [json.loads(line) for line in data[:end].decode("utf-8").splitlines() if line.strip()]
+
+
+def check_config(out: Path, cfg: DictConfig) -> None:
+    """Write config.yaml on the first run; later runs in the same folder must use the same config."""
+    path = out / "config.yaml"
+    text = to_yaml(cfg)
+    if path.is_file():
+        old = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        if config_hash(old) != config_hash(cfg):
+            raise ConfigError(f"{out} holds results of another config ({path}); choose another eval.out_dir "
+                              "or delete the folder to start over")
+        return
+    write_text_atomic(path, text)
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy, truncation, token and time totals and per-problem means over `records`."""
+    n = len(records)
+    agents: dict[str, dict[str, int]] = {}
+    phases: dict[str, float] = {}
+    for r in records:
+        for agent, t in r["tokens"].items():
+            a = agents.setdefault(agent, {"prompt": 0, "generated": 0})
+            a["prompt"] += t["prompt"]
+            a["generated"] += t["generated"]
+        for phase, sec in r["seconds"].items():
+            phases[phase] = phases.get(phase, 0.0) + sec
+    processed = sum(r["processed_tokens"] for r in records)
+    out = {"n": n, "accuracy": sum(r["correct"] for r in records) / max(n, 1),
+           "truncated_rate": sum(r["truncated"] for r in records) / max(n, 1),
+           "processed_tokens": {"total": processed, "mean": processed / max(n, 1)},
+           "tokens_per_agent": {"total": agents,
+                                "mean": {a: {k: v / max(n, 1) for k, v in t.items()} for a, t in agents.items()}},
+           "seconds_per_phase": {"total": phases, "mean": {p: s / max(n, 1) for p, s in phases.items()}},
+           "seconds": {"total": sum(phases.values()), "mean": sum(phases.values()) / max(n, 1)}}
+    if records and "base" in records[0].get("detail", {}):  # code tasks: evalplus base and plus pass@1
+        out["pass@1"] = {"base": sum(r["detail"]["base"] == "pass" for r in records) / n, "plus": out["accuracy"]}
+    return out
+
+
+def peak_memory() -> dict[str, float]:
+    mem = {"max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # Linux: KiB
+    if torch.cuda.is_available():
+        mem["cuda_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return mem
+
+
+def evaluate(cfg: DictConfig, layers: Sequence[Any] = (), overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Run (or resume) one evaluation; returns the metrics written to metrics.json."""
+    ev = cfg.eval
+    out = Path(ev.out_dir)
+    task = get_task(ev.task)
+    every, source = task.load(cfg.data.data_dir, ev.source)
+    problems = subset(every, ev.n, ev.subset_seed)
+    method, run_cfg = build_method(cfg, layers, overrides)
+    out.mkdir(parents=True, exist_ok=True)
+    check_config(out, run_cfg)
+    records_path = out / "records.jsonl"
+    done = {r["task_id"]: r for r in read_records(records_path)}
+    wanted = {p.task_id for p in problems}
+    if set(done) - wanted:
+        raise ConfigError(f"{records_path} has problems outside this subset; delete {out} to start over")
+    todo = [p for p in problems if p.task_id not in done]
+    seed_everything(ev.seed)
+    method.prepare(problems)
+    t0 = time.perf_counter()
+    with open(records_path, "a", encoding="utf-8") as f, \
+            tqdm(total=len(problems), initial=len(done), desc=f"{ev.task}/{ev.method}") as bar:
+        for k in range(0, len(todo), ev.batch_size):
+            chunk = todo[k:k + ev.batch_size]
+            outputs = method.answer(chunk, [task.prompt(p) for p in chunk])
+            scores = task.score(chunk, [o.text for o in outputs], out / "work")
+            for p, o, s in zip(chunk, outputs, scores):
+                rec = {"task_id": p.task_id, "method": ev.method, "prediction": o.text, "extracted": s.extracted,
+                       "gold": p.gold, "correct": bool(s.correct), "detail": s.detail, "truncated": o.truncated,
+                       "generated_tokens": o.generated_tokens, **o.accounting.to_dict()}
+                if o.messages is not None:
+                    rec["messages"] = o.messages
+                done[p.task_id] = rec
+                f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(len(chunk))
+    records = [done[p.task_id] for p in problems]
+    metrics = {"task": ev.task, "method": ev.method, **summarize(records), "peak_memory": peak_memory(),
+               "run_seconds_this_invocation": time.perf_counter() - t0, "resumed_from": len(problems) - len(todo),
+               "data": {**source, "subset_seed": ev.subset_seed, "subset_size": len(problems),
+                        "task_ids": [p.task_id for p in problems]},
+               "processed_tokens_definition": "every agent's prompt tokens + every agent's generated tokens",
+               "config": OmegaConf.to_container(run_cfg, resolve=True), "config_hash": config_hash(run_cfg),
+               "provenance": provenance(seed=ev.seed)}
+    write_json_atomic(out / "metrics.json", metrics)
+    return metrics
+
+
+@cli
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", action="append", default=[], help="run-config YAML layer (repeatable)")
+    ap.add_argument("overrides", nargs="*", help="key=value, e.g. eval.task=gsm8k eval.method=textmas eval.n=32")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    cfg = load_config(args.config, args.overrides)
+    m = evaluate(cfg, args.config, args.overrides)
+    line = f"{m['task']} / {m['method']}: accuracy {m['accuracy']:.3f} on {m['n']} problems"
+    if "pass@1" in m:
+        line += f" (base {m['pass@1']['base']:.3f}, plus {m['pass@1']['plus']:.3f})"
+    print(line + f"; truncated {m['truncated_rate']:.2f}; processed tokens/problem {m['processed_tokens']['mean']:.0f}; "
+          f"seconds/problem {m['seconds']['mean']:.2f}; wrote {cfg.eval.out_dir}/metrics.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""The evaluation harness end to end on a tiny random model saved to disk (source=path): every
+method runs, accounting invariants hold, interrupted runs resume without redoing or duplicating."""
+import json
+
+import pytest
+import torch
+
+from conftest import TINY_OVERRIDES, make_backbone
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tiny_tokenizer):
+    """A tiny Llama + tokenizer as a transformers folder, loadable with model.receiver.source=path."""
+    folder = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    bb = make_backbone(tiny_tokenizer, init_range=0.5)  # sharp logits: end-of-turn is rarely sampled
+    bb.model.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _overrides(tiny_dir, data_dir, out, method, **extra):
+    base = TINY_OVERRIDES + [f"model.receiver.source=path", f"model.receiver.name={tiny_dir}",
+                             "model.receiver.dtype=float32", f"data.data_dir={data_dir}", "eval.task=gsm8k",
+                             "eval.n=5", "eval.batch_size=2", "eval.max_new_tokens=6", f"eval.method={method}",
+                             f"eval.out_dir={out}", "backend=torch"]
+    return base + [f"{k}={v}" for k, v in extra.items()]
+
+
+def _run(overrides):
+    from tflow.config import load_config
+    from tflow.evaluate import evaluate
+
+    return evaluate(load_config([], overrides), [], overrides)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tiny_dir):
+    """A generator checkpoint for the tiny receiver (non-zero B heads, so the delta is not zero)."""
+    from tflow.config import load_config
+    from tflow.pipeline import build_tflow, load_backbones, save_generator
+
+    cfg = load_config([], TINY_OVERRIDES + ["model.receiver.source=path", f"model.receiver.name={tiny_dir}",
+                                            "model.receiver.dtype=float32"])
+    receiver, sender = load_backbones(cfg)
+    tflow = build_tflow(cfg, receiver, sender)
+    torch.manual_seed(0)
+    for head in tflow.generator.heads.values():
+        torch.nn.init.normal_(head.weight, std=0.3)
+    path = tmp_path_factory.mktemp("ckpt") / "generator.pt"
+    save_generator(path, tflow, cfg, receiver, sender, step=1)
+    return path
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("single", {}),
+    ("textmas", {"eval.textmas_preset": "short48"}),
+    ("textmas", {"eval.textmas_preset": "long", "eval.message_tokens": 5}),
+    ("tflow", {}), ("tflow_zero_delta", {}), ("tflow_shuffled", {}),
+])
+def test_every_method_runs_and_accounts_every_agent(tiny_dir, data_dir, tmp_path, checkpoint, method, extra):
+    if method.startswith("tflow"):
+        extra = {**extra, "eval.checkpoint": checkpoint}
+    m = _run(_overrides(tiny_dir, data_dir, tmp_path / "out", method, **extra))
+    recs = [json.loads(x) for x in (tmp_path / "out" / "records.jsonl").read_text().splitlines()]
+    assert m["n"] == len(recs) == 5 and len({r["task_id"] for r in recs}) == 5
+    senders = ["sender:strategist", "sender:knowledge_extractor"]
+    for r in recs:
+        assert r["processed_tokens"] == sum(t["prompt"] + t["generated"] for t in r["tokens"].values())
+        assert r["tokens"]["receiver"]["generated"] == r["generated_tokens"] <= 6
+        assert isinstance(r["correct"], bool) and r["gold"]
+        if method == "single":
+            assert set(r["tokens"]) == {"receiver"}
+        else:  # senders' prefills (tflow) or prompts + messages (textmas) count too
+            assert set(r["tokens"]) == {"receiver", *senders}
+            assert all(r["tokens"][s]["prompt"] > 0 for s in senders)
+        if method == "textmas" and extra["eval.textmas_preset"] == "short48":
+            assert all(r["tokens"][s]["generated"] == 48 for s in senders)
+            assert set(r["messages"]) == {"strategist", "knowledge_extractor"}
+        if method == "textmas" and extra["eval.textmas_preset"] == "long":
+            assert all(r["tokens"][s]["generated"] <= 5 for s in senders)
+        if method.startswith("tflow"):
+            assert r["tokens"]["sender:strategist"]["generated"] == 0
+            assert {"sender_prefill", "generator", "receiver_prefill", "decode"} <= set(r["seconds"])
+    total = m["processed_tokens"]["total"]
+    assert total == sum(r["processed_tokens"] for r in recs)
+    assert total == sum(t["prompt"] + t["generated"] for t in m["tokens_per_agent"]["total"].values())
+    assert m["data"]["subset_size"] == 5 and m["config"]["eval"]["method"] == method
+    assert m["provenance"]["packages"]["torch"]
+
+
+def test_interrupted_run_resumes_without_redoing_or_duplicating(tiny_dir, data_dir, tmp_path):
+    out = tmp_path / "out"
+    ov = _overrides(tiny_dir, data_dir, out, "single")
+    first = _run(ov)
+    path = out / "records.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:2]) + lines[2][:17])  # killed while writing the third record
+    again = _run(ov)
+    recs = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [r["task_id"] for r in recs][:2] == [json.loads(x)["task_id"] for x in lines[:2]]
+    assert len(recs) == 5 and len({r["task_id"] for r in recs}) == 5
+    assert again["resumed_from"] == 2 and again["n"] == 5
+    assert again["accuracy"] == first["accuracy"]  # greedy: the redone problems give the same answers
+    assert _run(ov)["resumed_from"] == 5  # a finished run does nothing
+
+
+def test_other_config_in_the_same_folder_is_an_error(tiny_dir, data_dir, tmp_path):
+    from tflow.errors import ConfigError
+
+    _run(_overrides(tiny_dir, data_dir, tmp_path / "out", "single"))
+    with pytest.raises(ConfigError, match="another config"):
+        _run(_overrides(tiny_dir, data_dir, tmp_path / "out", "single", **{"eval.max_new_tokens": 7}))
+
+
+def test_tflow_without_checkpoint_is_a_clear_error(tiny_dir, data_dir, tmp_path):
+    from tflow.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="eval.checkpoint"):
+        _run(_overrides(tiny_dir, data_dir, tmp_path / "out", "tflow"))
+    with pytest.raises(CheckpointError, match="not found"):
+        _run(_overrides(tiny_dir, data_dir, tmp_path / "out", "tflow", **{"eval.checkpoint": tmp_path / "no.pt"}))
+
+
+def test_shuffled_condition_is_a_derangement():
+    from tflow.methods import derangement
+
+    for n in (2, 3, 10, 64):
+        perm = derangement(n, seed=n)
+        assert sorted(perm) == list(range(n)) and all(i != j for i, j in enumerate(perm))
+    assert derangement(10, 1) != derangement(10, 2)
+
+
+def test_eval_config_typos_fail_naming_the_key():
+    from tflow.config import load_config
+    from tflow.errors import ConfigError
+
+    for bad, key in [("eval.method=tflow_magic", "eval.method"), ("eval.task=gsm9k", "eval.task"),
+                     ("eval.textmas_preset=medium", "eval.textmas_preset"), ("eval.nn=3", "eval.nn")]:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config([], [bad])
+
+
+def test_static_lora_control_trains_on_the_same_budget_and_evaluates(tiny_dir, data_dir, tmp_path):
+    from tflow.config import load_config
+    from tflow.errors import CheckpointError
+    from tflow.static_lora import peft_config, train_static
+
+    ov = TINY_OVERRIDES + ["model.receiver.source=path", f"model.receiver.name={tiny_dir}", "model.receiver.dtype=float32",
+                           f"data.data_dir={data_dir}", "data.sources=[gsm8k]", "data.per_source_limit=40",
+                           "train.steps=3", "train.batch_size=2", "train.ckpt_every=2", "train.log_every=1", f"train.out_dir={tmp_path / 'static'}"]
+    cfg = load_config([], ov)
+    assert peft_config(cfg).r == 2 * cfg.lora.rank  # the total rank of TFlow's fused delta (2 senders)
+    adapter = train_static(cfg, progress=False)
+    log = [json.loads(x) for x in (tmp_path / "static" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [0, 1, 2] and all(r["grad_norm"] > 0 for r in log)
+    assert train_static(cfg, progress=False) == adapter  # finished: nothing to redo
+    m = _run(_overrides(tiny_dir, data_dir, tmp_path / "out", "static_lora", **{"eval.checkpoint": adapter}))
+    assert m["n"] == 5 and m["method"] == "static_lora"
+    recs = [json.loads(x) for x in (tmp_path / "out" / "records.jsonl").read_text().splitlines()]
+    assert all(set(r["tokens"]) == {"receiver"} for r in recs)
+    with pytest.raises(CheckpointError, match="static_lora needs"):
+        _run(_overrides(tiny_dir, data_dir, tmp_path / "out2", "static_lora", **{"eval.checkpoint": tmp_path}))
