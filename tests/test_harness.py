@@ -19,7 +19,7 @@ def tiny_dir(tmp_path_factory, tiny_tokenizer):
 
 
 def _overrides(tiny_dir, data_dir, out, method, **extra):
-    base = TINY_OVERRIDES + [f"model.receiver.source=path", f"model.receiver.name={tiny_dir}",
+    base = TINY_OVERRIDES + ["model.receiver.source=path", f"model.receiver.name={tiny_dir}",
                              "model.receiver.dtype=float32", f"data.data_dir={data_dir}", "eval.task=gsm8k",
                              "eval.n=5", "eval.batch_size=2", "eval.max_new_tokens=6", f"eval.method={method}",
                              f"eval.out_dir={out}", "backend=torch"]
@@ -160,3 +160,16 @@ def test_static_lora_control_trains_on_the_same_budget_and_evaluates(tiny_dir, d
     assert all(set(r["tokens"]) == {"receiver"} for r in recs)
     with pytest.raises(CheckpointError, match="static_lora needs"):
         _run(_overrides(tiny_dir, data_dir, tmp_path / "out2", "static_lora", **{"eval.checkpoint": tmp_path}))
+
+
+@pytest.mark.parametrize("task", ["gsm8k", "math500", "mmlu_redux", "humanevalplus", "mbppplus"])
+def test_every_task_runs_through_the_harness(tiny_dir, data_dir, tmp_path, task):
+    """Load, prompt, generate, score and record on each benchmark (tiny model: answers are noise)."""
+    out = tmp_path / "out"
+    m = _run(_overrides(tiny_dir, data_dir, out, "single", **{"eval.task": task, "eval.n": 2}))
+    recs = [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines()]
+    assert m["n"] == len(recs) == 2 and m["data"]["source"] == "offline" and m["data"]["version"]
+    assert all(isinstance(r["correct"], bool) and r["detail"] is not None for r in recs)
+    if task in ("humanevalplus", "mbppplus"):  # evalplus base and plus status per problem
+        assert all(r["detail"]["base"] in ("pass", "fail", "timeout", "error") for r in recs)
+        assert set(m["pass@1"]) == {"base", "plus"}
