@@ -42,6 +42,31 @@ def collect(root: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def records_frame(manifest: Sequence[dict]) -> pd.DataFrame:
+    """The long-format per-problem table the statistics read: one row per (family, task, method, cell,
+    seed, problem). `manifest` rows name family, task, method, cell, seed and the metrics.json path;
+    the records are read from the records.jsonl beside it (checked complete against metrics.json)."""
+    rows = []
+    for entry in manifest:
+        folder = Path(entry["path"]).parent
+        m = json.loads(Path(entry["path"]).read_text())
+        recs = [json.loads(x) for x in (folder / "records.jsonl").read_text().splitlines() if x.strip()]
+        by_id = {r["task_id"]: r for r in recs}
+        missing = [t for t in m["data"]["task_ids"] if t not in by_id]
+        if missing:
+            raise ValueError(f"{folder}: {len(missing)} problems of metrics.json have no record (e.g. {missing[0]})")
+        for tid in m["data"]["task_ids"]:
+            r = by_id[tid]
+            row = {k: entry[k] for k in ("family", "task", "method", "cell", "seed")}
+            row.update(task_id=tid, correct=bool(r["correct"]), processed_tokens=r["processed_tokens"],
+                       seconds=sum(r["seconds"].values()), truncated=bool(r["truncated"]))
+            if isinstance(r.get("detail"), dict) and "base" in r["detail"]:
+                row["base_correct"] = r["detail"]["base"] == "pass"
+            row.update({f"s_{k}": v for k, v in r["seconds"].items()})
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def ratios(df: pd.DataFrame, num: str, den: str) -> pd.DataFrame:
     """Per task: processed tokens num/den and wall-clock den/num (speed-up of num over den)."""
     a = df[df.method == num].set_index("task")

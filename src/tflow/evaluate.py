@@ -38,7 +38,7 @@ from tflow.config import config_hash, load_config, to_yaml
 from tflow.errors import ConfigError, cli
 from tflow.methods import build_method
 from tflow.tasks import get_task, subset
-from tflow.utils import provenance, seed_everything, write_json_atomic, write_text_atomic
+from tflow.utils import discard_stale, provenance, seed_everything, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +56,19 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in data[:end].decode("utf-8").splitlines() if line.strip()]
 
 
-def check_config(out: Path, cfg: DictConfig) -> None:
-    """Write config.yaml on the first run; later runs in the same folder must use the same config."""
+def check_config(out: Path, cfg: DictConfig, restart_on_change: bool = False) -> None:
+    """Write config.yaml on the first run; later runs in the same folder must use the same config
+    (or, with restart_on_change, the old results are discarded: the workflow reruns a changed job)."""
     path = out / "config.yaml"
     text = to_yaml(cfg)
     if path.is_file():
         old = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-        if config_hash(old) != config_hash(cfg):
+        if config_hash(old) == config_hash(cfg):
+            return
+        if not restart_on_change:
             raise ConfigError(f"{out} holds results of another config ({path}); choose another eval.out_dir "
                               "or delete the folder to start over")
-        return
+        discard_stale(out, ["records.jsonl", "metrics.json", "config.yaml"], "the config changed")
     write_text_atomic(path, text)
 
 
@@ -101,7 +104,8 @@ def peak_memory() -> dict[str, float]:
     return mem
 
 
-def evaluate(cfg: DictConfig, layers: Sequence[Any] = (), overrides: Sequence[str] = ()) -> dict[str, Any]:
+def evaluate(cfg: DictConfig, layers: Sequence[Any] = (), overrides: Sequence[str] = (),
+             restart_on_change: bool = False) -> dict[str, Any]:
     """Run (or resume) one evaluation; returns the metrics written to metrics.json."""
     ev = cfg.eval
     out = Path(ev.out_dir)
@@ -110,7 +114,7 @@ def evaluate(cfg: DictConfig, layers: Sequence[Any] = (), overrides: Sequence[st
     problems = subset(every, ev.n, ev.subset_seed)
     method, run_cfg = build_method(cfg, layers, overrides)
     out.mkdir(parents=True, exist_ok=True)
-    check_config(out, run_cfg)
+    check_config(out, run_cfg, restart_on_change)
     records_path = out / "records.jsonl"
     done = {r["task_id"]: r for r in read_records(records_path)}
     wanted = {p.task_id for p in problems}
@@ -154,10 +158,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", action="append", default=[], help="run-config YAML layer (repeatable)")
     ap.add_argument("overrides", nargs="*", help="key=value, e.g. eval.task=gsm8k eval.method=textmas eval.n=32")
+    ap.add_argument("--restart-on-change", action="store_true",
+                    help="discard results of another config in eval.out_dir instead of failing (the workflow's reruns)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     cfg = load_config(args.config, args.overrides)
-    m = evaluate(cfg, args.config, args.overrides)
+    m = evaluate(cfg, args.config, args.overrides, args.restart_on_change)
     line = f"{m['task']} / {m['method']}: accuracy {m['accuracy']:.3f} on {m['n']} problems"
     if "pass@1" in m:
         line += f" (base {m['pass@1']['base']:.3f}, plus {m['pass@1']['plus']:.3f})"

@@ -33,7 +33,7 @@ from tflow.data import training_set
 from tflow.errors import ConfigError, cli
 from tflow.pipeline import load_backbones
 from tflow.train import _truncate_log, batch_problems, lr_at
-from tflow.utils import (provenance, rng_state, seed_everything, set_rng_state, torch_save_atomic, write_json_atomic,
+from tflow.utils import (discard_stale, provenance, rng_state, seed_everything, set_rng_state, torch_save_atomic, write_json_atomic,
                          write_text_atomic)
 
 log = logging.getLogger("tflow.static_lora")
@@ -48,11 +48,18 @@ def peft_config(cfg: DictConfig) -> LoraConfig:
                       layers_to_transform=layers, bias="none")
 
 
-def train_static(cfg: DictConfig, progress: bool = True) -> Path:
-    """Train (or resume) the static adapter; returns the adapter folder."""
+def train_static(cfg: DictConfig, progress: bool = True, restart_on_change: bool = False) -> Path:
+    """Train (or resume) the static adapter; returns the adapter folder. restart_on_change: discard
+    results of another config in train.out_dir instead of failing (the workflow's reruns)."""
     out = Path(cfg.train.out_dir)
     adapter = out / "adapter"
     chash = config_hash(cfg)
+    if restart_on_change:
+        marker, ckpt = adapter / "tflow_static.json", out / "ckpt" / "last.pt"
+        stale = (marker.is_file() and json.loads(marker.read_text())["config_hash"] != chash) or \
+            (ckpt.is_file() and torch.load(ckpt, map_location="cpu", weights_only=False)["config_hash"] != chash)
+        if stale:
+            discard_stale(out, ["adapter", "ckpt", "train_log.jsonl", "train_summary.json"], "the config changed")
     if (adapter / "tflow_static.json").is_file():
         done = json.loads((adapter / "tflow_static.json").read_text())["config_hash"]
         if done != chash:
@@ -123,9 +130,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--config", action="append", default=[], help="YAML layer (repeatable, applied in order)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides (use the generator's config and budget)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--restart-on-change", action="store_true",
+                    help="discard results of another config in train.out_dir instead of failing (workflow reruns)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    print(train_static(load_config(args.config, args.overrides), progress=not args.no_progress))
+    print(train_static(load_config(args.config, args.overrides), progress=not args.no_progress,
+                       restart_on_change=args.restart_on_change))
 
 
 if __name__ == "__main__":

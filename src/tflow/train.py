@@ -27,7 +27,7 @@ from tflow.data import Problem, TrainingSet, training_set
 from tflow.lora import TransientLoRA
 from tflow.models import Backbone, target_linears
 from tflow.pipeline import TFlow, build_tflow, delta_for, load_backbones, save_generator, zero_delta_like
-from tflow.utils import provenance, rng_state, seed_everything, set_rng_state, torch_save_atomic, write_json_atomic, write_text_atomic
+from tflow.utils import discard_stale, provenance, rng_state, seed_everything, set_rng_state, torch_save_atomic, write_json_atomic, write_text_atomic
 
 log = logging.getLogger("tflow.train")
 
@@ -73,15 +73,22 @@ def batch_problems(problems: list[Problem], step: int, bs: int) -> list[Problem]
 
 
 def train(cfg: DictConfig, progress: bool = True, stop_after: int | None = None,
-          backbones: tuple[Backbone, Backbone] | None = None, problems: list[Problem] | None = None) -> Path | None:
+          backbones: tuple[Backbone, Backbone] | None = None, problems: list[Problem] | None = None,
+          restart_on_change: bool = False) -> Path | None:
     """Train (or resume) the generator described by `cfg`; returns the final checkpoint's path.
 
     stop_after: leave after this many steps of *this* invocation with a resumable checkpoint and
     return None (time-sliced cluster jobs). backbones / problems: use these instead of loading
-    the configured ones (tests, notebooks)."""
+    the configured ones (tests, notebooks). restart_on_change: discard a checkpoint of another
+    config in train.out_dir instead of failing (the workflow reruns a job whose settings changed)."""
     out = Path(cfg.train.out_dir)
     final = out / "generator.pt"
     chash = config_hash(cfg)
+    if restart_on_change:
+        stale = [torch.load(p, map_location="cpu", weights_only=False).get("config_hash") != chash
+                 for p in (final, out / "ckpt" / "last.pt") if p.is_file()]
+        if any(stale):
+            discard_stale(out, ["generator.pt", "ckpt", "train_log.jsonl", "train_summary.json"], "the config changed")
     if final.is_file():
         done = torch.load(final, map_location="cpu", weights_only=False).get("config_hash")
         if done != chash:
@@ -162,6 +169,28 @@ def train(cfg: DictConfig, progress: bool = True, stop_after: int | None = None,
     return final
 
 
+def cache_conditions(cfg: DictConfig, seeds: Sequence[int], manifest: str | Path, progress: bool = True) -> dict:
+    """Prefill the frozen senders once on every training question any of `seeds` will use (the DAG's
+    cache_conditions stage; every sweep cell and seed then reads the cache). Writes `manifest` atomically."""
+    questions: dict[str, None] = {}
+    sources = {}
+    for seed in seeds:
+        data = training_set(cfg.data, seed)
+        sources = data.sources
+        for p in data.problems[:min(len(data.problems), cfg.train.steps * cfg.train.batch_size)]:
+            questions.setdefault(p.question)
+    _, sender = load_backbones(cfg)
+    cache = ConditionCache(cfg.model.cache_dir, sender.ident, cfg.agents.max_question_tokens)
+    t0 = time.perf_counter()
+    for role in cfg.agents.senders:
+        cache.ensure(sender, role, list(questions), progress=progress)
+    info = {"seeds": list(seeds), "questions": len(questions), "roles": list(cfg.agents.senders),
+            "sender": sender.ident, "cache_dir": str(cache.root), "seconds": time.perf_counter() - t0,
+            "data_sources": sources, "config": OmegaConf.to_container(cfg, resolve=True), "provenance": provenance()}
+    write_json_atomic(manifest, info)
+    return info
+
+
 def _truncate_log(path: Path, start: int) -> None:
     """Drop log lines past the resume point, so a resumed log has no duplicate steps."""
     if not path.is_file():
@@ -177,10 +206,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=50 lora.rank=8")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--stop-after", type=int, help="leave after N steps with a resumable checkpoint")
+    ap.add_argument("--cache-only", metavar="MANIFEST", help="only prefill the senders on the training questions "
+                    "of every --seeds run (shared condition cache), write MANIFEST (json) and exit")
+    ap.add_argument("--restart-on-change", action="store_true",
+                    help="discard a checkpoint of another config in train.out_dir instead of failing (workflow reruns)")
+    ap.add_argument("--seeds", type=int, nargs="+", help="with --cache-only: the training seeds (default train.seed)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = load_config(args.config, args.overrides)
-    final = train(cfg, progress=not args.no_progress, stop_after=args.stop_after)
+    if args.cache_only:
+        info = cache_conditions(cfg, args.seeds or [cfg.train.seed], args.cache_only, progress=not args.no_progress)
+        print(f"{info['questions']} questions x {len(info['roles'])} roles cached under {info['cache_dir']}")
+        return
+    final = train(cfg, progress=not args.no_progress, stop_after=args.stop_after,
+                  restart_on_change=args.restart_on_change)
     print(final or f"stopped early; rerun the same command to resume from {cfg.train.out_dir}/ckpt/last.pt")
 
 

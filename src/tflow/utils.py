@@ -12,7 +12,7 @@ import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -108,3 +108,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+
+
+def discard_stale(out: Path, names: Sequence[str], why: str) -> None:
+    """Delete the named files/folders under `out` (results of another config), loudly: --restart-on-change."""
+    import logging
+    import shutil
+
+    logging.getLogger("tflow").warning("%s: %s; --restart-on-change: discarding %s", out, why, list(names))
+    for name in names:
+        path = Path(out) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
