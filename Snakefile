@@ -1,5 +1,6 @@
-# TFlow reproduction as code. `snakemake --cores 2` runs the default configuration
-# (config/config.yaml); `snakemake -n` shows what would run.
+# TFlow reproduction as code. `snakemake --cores 2` runs the default configuration (config/config.yaml:
+# the CPU-scale reproduction) and ends with paper/ holding every table, figure and macro;
+# `snakemake -n` shows what would run; `snakemake --configfile config/paper_scale.yaml` is the paper scale.
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -12,12 +13,14 @@ validate(config, "workflow/schemas/config.schema.yaml")
 
 
 include: "workflow/rules/common.smk"
-include: "workflow/rules/quickstart.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
 include: "workflow/rules/kernels.smk"
 
 
 rule all:
     input:
-        f"results/{config['run_name']}/heldout.json",
-        f"results/{config['run_name']}/gsm8k/summary.json",
+        paper_targets(),
     default_target: True

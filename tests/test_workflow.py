@@ -1,14 +1,56 @@
-"""The Snakemake workflow: lint clean, schema-validated config, expected DAG."""
+"""The Snakemake workflow: lint clean, schema-validated config, DAG shapes of the default and paper
+configs, and a tiny end-to-end run on a tiny model that writes every table, figure and macro."""
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import yaml
+
+from conftest import TINY_OVERRIDES, make_backbone
+
 ROOT = Path(__file__).resolve().parents[1]
+SNAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile")]
 
 
-def _snakemake(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+def _snakemake(*args, cwd=ROOT, timeout=600):
+    return subprocess.run([*SNAKE, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def _job_counts(out: str) -> dict[str, int]:
+    """The 'Job stats' table of a dry run: rule -> count."""
+    lines = out[out.index("Job stats:"):].splitlines()[3:] if "Job stats:" in out else []
+    counts = {}
+    for line in lines:
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            break
+        counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def _expected(cfg: dict, specs: dict) -> dict[str, int]:
+    """Jobs per rule from the config: cells x seeds x tasks x methods (cell-free methods run once per task and seed)."""
+    import pandas as pd
+
+    seeds, tasks = len(cfg["seeds"]), len(cfg["tasks"])
+    main = "rank~{rank}_scale~{scale:.1f}_fusion~{fusion}".format(**cfg["main_cell"])
+    sweeps = {fam: pd.read_csv(ROOT / a["sweep"], sep="\t").assign(scale=lambda d: d.scale.astype(float))
+              for fam, a in cfg["ablations"].items()}
+    cell_tasks = {(main, t) for t in cfg["tasks"]}
+    for fam, df in sweeps.items():
+        for _, row in df.iterrows():
+            cell = f"rank~{row['rank']}_scale~{row['scale']}_fusion~{row['fusion']}"
+            cell_tasks |= {(cell, t) for t in cfg["ablations"][fam]["tasks"]}
+    cells = {c for c, _ in cell_tasks}
+    methods = {m for f in cfg["families"].values() for m in f["methods"]}
+    others = len(methods - {"tflow"})  # at the main cell (or cell-free), every task
+    return {"prepare_data": tasks, "cache_conditions": 1, "train_generator": len(cells) * seeds,
+            "train_static_lora": seeds if "static_lora" in methods else 0,
+            "evaluate": (others * tasks + len(cell_tasks)) * seeds, "collect": 1, "stats": 1,
+            "make_table": len(specs["tables"]), "make_figure": len(specs["figures"]), "make_macros": 1, "all": 1}
 
 
 def test_lint_is_clean():
@@ -16,19 +58,130 @@ def test_lint_is_clean():
     assert res.returncode == 0 and "Congratulations" in res.stdout + res.stderr, res.stdout + res.stderr
 
 
-def test_dry_run_dag_shape(tmp_path):
-    res = _snakemake("-n", "--quiet", "rules", "--directory", str(tmp_path), "--snakefile", str(ROOT / "Snakefile"),
-                     "--configfile", str(ROOT / "config" / "config.yaml"),
-                     "--config", f"run_config=[{ROOT / 'config/run/cpu.yaml'},{ROOT / 'config/run/quickstart.yaml'}]")
+@pytest.mark.parametrize("configfile, profile", [("config/config.yaml", None),
+                                                 ("config/paper_scale.yaml", "workflow/profiles/slurm")])
+def test_dry_run_dag_shape(tmp_path, configfile, profile):
+    args = ["-n", "--quiet", "rules", "--directory", str(ROOT), "--configfile", str(ROOT / configfile)]
+    if profile:
+        args += ["--profile", str(ROOT / profile)]
+    else:
+        args += ["--cores", "2"]
+    res = _snakemake(*args)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out
-    counts = {line.split()[0]: int(line.split()[1]) for line in out.splitlines()
-              if len(line.split()) == 2 and line.split()[1].isdigit()}
-    assert counts == {"train_generator": 1, "heldout_loss": 1, "gsm8k_quickstart": 1, "all": 1, "total": 4}, out
+    cfg = yaml.safe_load((ROOT / configfile).read_text())
+    specs = yaml.safe_load((ROOT / cfg["paper_specs"]).read_text())
+    expected = {k: v for k, v in _expected(cfg, specs).items() if v}
+    counts = _job_counts(out)
+    assert {k: v for k, v in counts.items() if k != "total"} == expected, out
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
 
 
 def test_config_schema_rejects_unknown_keys(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text((ROOT / "config" / "config.yaml").read_text() + "heldout_problemz: 3\n")
+    bad = _write(tmp_path, (ROOT / "config" / "config.yaml").read_text() + "seedz: [1]\n")
     res = _snakemake("-n", "--configfile", str(bad))
-    assert res.returncode != 0 and "heldout_problemz" in res.stdout + res.stderr
+    assert res.returncode != 0 and "seedz" in res.stdout + res.stderr
+
+
+def test_run_config_typo_fails_at_dag_construction(tmp_path):
+    text = (ROOT / "config" / "config.yaml").read_text().replace("overrides: []", "overrides: [lora.rnak=8]")
+    res = _snakemake("-n", "--configfile", str(_write(tmp_path, text)))
+    assert res.returncode != 0 and "rnak" in res.stdout + res.stderr
+
+
+def test_bad_sweep_row_fails_naming_the_file(tmp_path):
+    tsv = tmp_path / "bad.tsv"
+    tsv.write_text("rank\tscale\tfusion\n4\t1.0\tmedian\n")
+    text = (ROOT / "config" / "config.yaml").read_text().replace("config/sweeps/cpu/ablation_rank.tsv", str(tsv))
+    res = _snakemake("-n", "--configfile", str(_write(tmp_path, text)))
+    assert res.returncode != 0 and "bad.tsv" in res.stdout + res.stderr and "median" in res.stdout + res.stderr
+
+
+def test_every_yaml_in_config_merges_into_its_schema():
+    from snakemake.utils import validate
+
+    from tflow.artifacts import load_specs
+    from tflow.config import load_config
+
+    for layer in sorted((ROOT / "config" / "run").glob("*.yaml")):
+        load_config([str(layer)], [])
+    for dag in ("config.yaml", "paper_scale.yaml"):
+        validate(yaml.safe_load((ROOT / "config" / dag).read_text()), str(ROOT / "workflow/schemas/config.schema.yaml"))
+    load_specs(ROOT / "config" / "paper.yaml")
+    known = {"config.yaml", "paper_scale.yaml", "paper.yaml"}
+    assert {p.name for p in (ROOT / "config").glob("*.yaml")} == known  # a new YAML needs a check here
+
+
+# ----------------------------------------------------------------------------- tiny end-to-end run
+@pytest.fixture(scope="module")
+def tiny_project(tmp_path_factory, tiny_tokenizer, data_dir):
+    """A temp workdir with a tiny model, a tiny run layer and a DAG config covering every family."""
+    work = tmp_path_factory.mktemp("dag")
+    model_dir = work / "tiny-llama"
+    bb = make_backbone(tiny_tokenizer, init_range=0.5)
+    bb.model.save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    layer = {"model": {"receiver": {"source": "path", "name": str(model_dir), "dtype": "float32", "device": "cpu"},
+                       "threads": 1, "cache_dir": str(work / "cache")},
+             "data": {"data_dir": data_dir, "per_source_limit": 24, "max_solution_tokens": 32},
+             "train": {"steps": 2, "batch_size": 2, "warmup_steps": 1, "log_every": 1, "ckpt_every": 1}}
+    (work / "tiny.yaml").write_text(yaml.safe_dump(layer))
+    for fam in ("rank", "scale", "fusion"):
+        rows = {"rank": ["4\t1.0\tmean", "8\t1.0\tmean"], "scale": ["4\t0.5\tmean", "4\t1.0\tmean"],
+                "fusion": ["4\t1.0\tmean", "4\t1.0\tmax", "4\t1.0\tattention"]}[fam]
+        (work / f"{fam}.tsv").write_text("rank\tscale\tfusion\n" + "\n".join(rows) + "\n")
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    cfg.update(run_name="tiny", run_config=[str(work / "tiny.yaml")], seeds=[0, 1], tasks=["gsm8k"],
+               overrides=TINY_OVERRIDES, n_boot=200, paper_specs=str(ROOT / "config" / "paper.yaml"),
+               eval={**cfg["eval"], "n": 3, "max_new_tokens": 4, "batch_size": 3, "message_tokens": 3},
+               ablations={f"ablation_{f}": {"sweep": str(work / f"{f}.tsv"), "tasks": ["gsm8k"]}
+                          for f in ("rank", "scale", "fusion")})
+    (work / "config.yaml").write_text(yaml.safe_dump(cfg))
+    for name in ("main.tex", "preamble.tex"):
+        (work / "paper").mkdir(exist_ok=True)
+        (work / "paper" / name).write_text((ROOT / "paper" / name).read_text())
+    return work
+
+
+def _run_dag(work: Path, *extra):
+    return _snakemake("--directory", str(work), "--configfile", str(work / "config.yaml"), "--cores", "2", *extra,
+                      timeout=1200)
+
+
+@pytest.mark.slow
+def test_tiny_end_to_end_run_writes_every_artifact_then_does_nothing(tiny_project):
+    work = tiny_project
+    res = _run_dag(work)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    specs = yaml.safe_load((ROOT / "config" / "paper.yaml").read_text())
+    for t in specs["tables"]:
+        tex = (work / "paper" / "tables" / f"{t['name']}.tex").read_text()
+        assert "\\toprule" in tex and "config hash" in tex.lower()
+    for f in specs["figures"]:
+        for ext in ("pdf", "png"):
+            assert (work / "paper" / "figures" / f"{f['name']}.{ext}").stat().st_size > 1000
+    assert "\\newcommand" in (work / "paper" / "generated" / "macros.tex").read_text()
+    stats = (work / "results" / "tiny" / "stats" / "cells.csv").read_text()
+    assert "ablation_fusion" in stats and "tflow_shuffled" in stats
+    again = _run_dag(work, "-n")
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr, again.stdout + again.stderr
+
+
+@pytest.mark.slow
+def test_editing_one_sweep_row_reruns_only_that_cell(tiny_project):
+    work = tiny_project
+    if not (work / "results" / "tiny" / "stats" / "cells.csv").is_file():
+        assert _run_dag(work).returncode == 0
+    tsv = work / "rank.tsv"
+    tsv.write_text(tsv.read_text().replace("8\t1.0\tmean", "16\t1.0\tmean"))
+    res = _run_dag(work, "-n", "--quiet", "rules")
+    counts = _job_counts(res.stdout + res.stderr)
+    assert res.returncode == 0
+    assert counts["train_generator"] == 2 and counts["evaluate"] == 2, counts  # the new cell, both seeds
+    assert "cache_conditions" not in counts and "train_static_lora" not in counts
+    assert counts["collect"] == counts["stats"] == 1  # and the aggregates

@@ -1,19 +1,158 @@
-# Helper functions of the workflow (the only place for Python functions, by convention).
+# Helper functions and DAG bookkeeping of the workflow (the only place for Python code, by convention).
+import hashlib
+import json
 import os
 import shlex
+import shutil
+
+import pandas as pd
+import yaml
+from snakemake.utils import Paramspace
+
+RUN = config["run_name"]
+R = f"results/{RUN}"
+SWEEP_COLUMNS = ["rank", "scale", "fusion"]
+CELL_FREE = {"single", "textmas-long", "textmas-short48", "ac", "kv"}  # methods without a generator or adapter
+TFLOW_METHODS = {"tflow", "tflow_zero_delta", "tflow_shuffled"}
 
 
-def run_dir():
-    return f"results/runs/{config['run_name']}"
+def read_sweep(path):
+    """A sweep TSV as a Paramspace (cells named like rank~8_scale~1.0_fusion~mean); bad rows fail here."""
+    if not os.path.isfile(path):
+        raise ValueError(f"sweep table {path} not found (config: ablations.<family>.sweep)")
+    df = pd.read_csv(path, sep="\t")
+    if list(df.columns) != SWEEP_COLUMNS:
+        raise ValueError(f"{path}: columns must be {SWEEP_COLUMNS} (tab-separated), got {list(df.columns)}")
+    if df.empty or df.duplicated().any():
+        raise ValueError(f"{path}: needs at least one row and no duplicate rows")
+    df["scale"] = df["scale"].astype(float)  # 1 and 1.0 name the same cell
+    bad = df[(df["rank"] < 1) | (df["scale"] <= 0) | ~df["fusion"].isin(["mean", "max", "attention"])]
+    if len(bad):
+        raise ValueError(f"{path}: invalid rows (rank >= 1, scale > 0, fusion in mean|max|attention):\n{bad}")
+    return Paramspace(df, filename_params="*")
 
 
-def overrides(*extra):
-    """key=value arguments for the package's entry points (config overrides + rule-specific)."""
-    return " ".join(shlex.quote(o) for o in [*config.get("overrides", []), *extra])
+MAIN_CELL = Paramspace(pd.DataFrame([config["main_cell"]])[SWEEP_COLUMNS].astype({"scale": float}), filename_params="*")
+MAIN = next(iter(MAIN_CELL.instance_patterns))
+SWEEPS = {fam: read_sweep(spec["sweep"]) for fam, spec in config.get("ablations", {}).items()}
+CELLS = sorted({MAIN, *(c for ps in SWEEPS.values() for c in ps.instance_patterns)})
+
+
+def cell_params(cell):
+    """rank~8_scale~0.5_fusion~mean -> {'rank': '8', 'scale': '0.5', 'fusion': 'mean'}."""
+    return dict(part.split("~", 1) for part in cell.split("_"))
+
+
+def cell_overrides(cell):
+    """A sweep cell as run-config overrides: LoRA rank, alpha = 2 * rank * scale (TFlow: alpha/r = 2), fusion."""
+    p = cell_params(cell)
+    rank, scale = int(p["rank"]), float(p["scale"])
+    return [f"lora.rank={rank}", f"lora.alpha={2.0 * rank * scale}", f"fusion.name={p['fusion']}"]
+
+
+def quote(args):
+    return " ".join(shlex.quote(str(a)) for a in args)
 
 
 def config_args():
-    return " ".join(f"--config {shlex.quote(p)}" for p in config["run_config"])
+    return quote(a for p in config["run_config"] for a in ("--config", p))
+
+
+def common_overrides():
+    return list(config.get("overrides", []))
+
+
+def generator_path(cell, seed):
+    return f"{R}/generators/{cell}/seed~{seed}/generator.pt"
+
+
+def static_adapter_marker(seed):
+    return f"{R}/static_lora/seed~{seed}/adapter/tflow_static.json"
+
+
+def eval_path(task, method, cell, seed):
+    return f"{R}/eval/{task}/{method}/{cell}/seed~{seed}/metrics.json"
+
+
+def eval_jobs():
+    """(family, task, method, cell, seed, path) for every evaluation the tables and figures use."""
+    jobs = []
+    for fam, spec in config["families"].items():
+        for method in spec["methods"]:
+            cell = "none" if method in CELL_FREE else MAIN
+            jobs += [(fam, t, method, cell, s, eval_path(t, method, cell, s)) for t in config["tasks"]
+                     for s in config["seeds"]]
+    for fam, ps in SWEEPS.items():
+        jobs += [(fam, t, "tflow", c, s, eval_path(t, "tflow", c, s)) for c in ps.instance_patterns
+                 for t in config["ablations"][fam]["tasks"] for s in config["seeds"]]
+    return jobs
+
+
+def data_manifest(task):
+    return f"{R}/data/{task}.json"
+
+
+def eval_settings():
+    """The DAG's eval settings as run-config overrides (message_tokens is per method: eval_overrides)."""
+    return [f"eval.{k}={'null' if v is None else v}" for k, v in config["eval"].items() if k != "message_tokens"]
+
+
+def data_overrides(wildcards):
+    """prepare_data's overrides: the subset of one task is the one its evaluations will draw."""
+    return quote(common_overrides() + eval_settings() + config.get("task_overrides", {}).get(wildcards.task, []))
+
+
+def eval_inputs(wildcards):
+    """The task's data manifest, the trained artifact a method needs (generator or static adapter) and
+    the run-config layers."""
+    inputs = {"layers": config["run_config"], "data": data_manifest(wildcards.task)}
+    if wildcards.method in TFLOW_METHODS:
+        inputs["checkpoint"] = generator_path(wildcards.cell, wildcards.seed)
+    elif wildcards.method == "static_lora":
+        inputs["checkpoint"] = static_adapter_marker(wildcards.seed)
+    return inputs
+
+
+def eval_overrides(wildcards, input, output):
+    """The evaluate entry point's key=value arguments for one (task, method, cell, seed)."""
+    m = wildcards.method
+    args = eval_settings() + [f"eval.task={wildcards.task}", f"eval.seed={wildcards.seed}",
+                              f"eval.out_dir={os.path.dirname(output[0])}"]
+    if m.startswith("textmas-"):
+        args += ["eval.method=textmas", f"eval.textmas_preset={m.split('-', 1)[1]}"]
+        if m == "textmas-long" and config["eval"].get("message_tokens"):
+            args.append(f"eval.message_tokens={config['eval']['message_tokens']}")
+    else:
+        args.append(f"eval.method={m}")
+    if m in TFLOW_METHODS:
+        args += [f"eval.checkpoint={input.checkpoint}", *cell_overrides(wildcards.cell)]
+    elif m == "static_lora":
+        args += [f"eval.checkpoint={os.path.dirname(input.checkpoint)}", *cell_overrides(MAIN)]
+    args += config.get("task_overrides", {}).get(wildcards.task, [])
+    return quote(common_overrides() + args)
+
+
+def train_overrides(wildcards, output):
+    out = os.path.dirname(output[0]) if "static" not in output[0] else os.path.dirname(os.path.dirname(output[0]))
+    cell = getattr(wildcards, "cell", MAIN)
+    return quote(common_overrides() + cell_overrides(cell) + [f"train.seed={wildcards.seed}", f"train.out_dir={out}"])
+
+
+def records_manifest():
+    """Rows of the long-format records table: which evaluation belongs to which family and cell label."""
+    return [{"family": fam, "task": t, "method": m, "cell": "default" if fam in config["families"] else c,
+             "seed": int(s), "path": p} for fam, t, m, c, s, p in eval_jobs()]
+
+
+def all_metrics():
+    return sorted({p for *_, p in eval_jobs()})
+
+
+def baselines():
+    """family -> baseline: a method name (method families) or {'cell': <main cell>} (sweep families)."""
+    out = {fam: spec["baseline"] for fam, spec in config["families"].items()}
+    out.update({fam: {"cell": MAIN} for fam in SWEEPS})
+    return out
 
 
 def kernel_bench_csvs():
@@ -21,3 +160,45 @@ def kernel_bench_csvs():
     found = [f"results/reference/bench_kernels_{d}.csv" for d in ("cpu", "cuda")
              if os.path.exists(f"results/reference/bench_kernels_{d}.csv")]
     return found or ["results/reference/bench_kernels_cpu.csv"]
+
+
+def paper_specs():
+    with open(config["paper_specs"]) as f:
+        return yaml.safe_load(f)
+
+
+def table_names():
+    return [t["name"] for t in paper_specs().get("tables", [])]
+
+
+def figure_names():
+    return [f["name"] for f in paper_specs().get("figures", [])]
+
+
+def config_hash():
+    """Short hash of the resolved Snakemake config (recorded in every generated paper file)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def paper_targets():
+    targets = [f"paper/tables/{t}.tex" for t in table_names()]
+    targets += [f"paper/figures/{f}.{ext}" for f in figure_names() for ext in ("pdf", "png")]
+    targets.append("paper/generated/macros.tex")
+    if shutil.which("latexmk"):  # the PDF where LaTeX is installed (see README)
+        targets.append("paper/main.pdf")
+    return targets
+
+
+def check_run_configs():
+    """Load every distinct run config the DAG will use: a typo or wrong type fails here, naming the key."""
+    from tflow.config import load_config
+
+    for cell in CELLS:
+        load_config(config["run_config"], common_overrides() + cell_overrides(cell) + ["train.seed=0"])
+    load_config(config["run_config"], common_overrides() + [f"eval.{k}={'null' if v is None else v}"
+                                                            for k, v in config["eval"].items()])
+    for task, extra in config.get("task_overrides", {}).items():
+        load_config(config["run_config"], common_overrides() + list(extra))
+
+
+check_run_configs()
