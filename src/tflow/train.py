@@ -9,6 +9,7 @@ the same command resumes from the last checkpoint and continues exactly as an un
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -20,6 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from tflow import distributed
 from tflow.agents import ConditionCache, receiver_batch
 from tflow.errors import ConfigError, cli
 from tflow.config import config_hash, load_config, to_yaml
@@ -80,15 +82,39 @@ def train(cfg: DictConfig, progress: bool = True, stop_after: int | None = None,
     stop_after: leave after this many steps of *this* invocation with a resumable checkpoint and
     return None (time-sliced cluster jobs). backbones / problems: use these instead of loading
     the configured ones (tests, notebooks). restart_on_change: discard a checkpoint of another
-    config in train.out_dir instead of failing (the workflow reruns a job whose settings changed)."""
+    config in train.out_dir instead of failing (the workflow reruns a job whose settings changed).
+    Under torchrun (WORLD_SIZE > 1) the ranks train one generator data-parallel (tflow.distributed);
+    rank 0 alone writes files."""
+    world = distributed.setup(cfg.train.batch_size, cfg.model.receiver.device)
+    try:
+        return _train(cfg, world, progress and world.main, stop_after, backbones, problems, restart_on_change)
+    finally:
+        distributed.teardown(world)
+
+
+def _rank_config(cfg: DictConfig, world: distributed.World) -> DictConfig:
+    """The config a rank loads its backbones with (its own GPU under torchrun)."""
+    if not world.parallel:
+        return cfg
+    rcfg = cfg.copy()
+    for key in ("receiver", "sender"):
+        if rcfg.model.get(key) is not None:
+            rcfg.model[key].device = distributed.rank_device(rcfg.model[key].device, world)
+    return rcfg
+
+
+def _train(cfg: DictConfig, world: distributed.World, progress: bool, stop_after: int | None,
+           backbones: tuple[Backbone, Backbone] | None, problems: list[Problem] | None,
+           restart_on_change: bool) -> Path | None:
     out = Path(cfg.train.out_dir)
     final = out / "generator.pt"
     chash = config_hash(cfg)
-    if restart_on_change:
+    if restart_on_change and world.main:
         stale = [torch.load(p, map_location="cpu", weights_only=False).get("config_hash") != chash
                  for p in (final, out / "ckpt" / "last.pt") if p.is_file()]
         if any(stale):
             discard_stale(out, ["generator.pt", "ckpt", "train_log.jsonl", "train_summary.json"], "the config changed")
+    distributed.barrier(world)
     if final.is_file():
         done = torch.load(final, map_location="cpu", weights_only=False).get("config_hash")
         if done != chash:
@@ -101,17 +127,22 @@ def train(cfg: DictConfig, progress: bool = True, stop_after: int | None = None,
     if state is not None and state["config_hash"] != chash:
         raise ConfigError(f"{ckpt_path} was written with another config (hash {state['config_hash']} != {chash}); "
                           f"use a new train.out_dir or delete {out}")
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "config.yaml", to_yaml(cfg))
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "config.yaml", to_yaml(cfg))
     seed_everything(cfg.train.seed)
 
     data = training_set(cfg.data, cfg.train.seed) if problems is None else TrainingSet(problems, {"given": {"kept": len(problems)}})
     problems = data.problems[:min(len(data.problems), cfg.train.steps * cfg.train.batch_size)]
-    receiver, sender = backbones or load_backbones(cfg)
+    receiver, sender = backbones or load_backbones(_rank_config(cfg, world))
     linears = target_linears(receiver.model, list(cfg.lora.targets), None if cfg.lora.layers is None else list(cfg.lora.layers))
     cache = ConditionCache(cfg.model.cache_dir, sender.ident, cfg.agents.max_question_tokens)
+    if not world.main:  # rank 0 fills the shared cache first; the others then read it
+        distributed.barrier(world)
     for role in cfg.agents.senders:  # senders are frozen: one prefill per question, ever (read per batch)
         cache.ensure(sender, role, [p.question for p in problems], progress=progress)
+    if world.main:
+        distributed.barrier(world)
 
     tflow = build_tflow(cfg, receiver, sender).to(receiver.device)
     opt = torch.optim.AdamW(tflow.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -123,7 +154,8 @@ def train(cfg: DictConfig, progress: bool = True, stop_after: int | None = None,
         start = state["step"]
         log.info("resuming from step %d (%s)", start, ckpt_path)
     log_path = out / "train_log.jsonl"
-    _truncate_log(log_path, start)
+    if world.main:
+        _truncate_log(log_path, start)
 
     n_params = sum(p.numel() for p in tflow.parameters())
     log.info("generator: %.2fM trainable parameters, %d target modules, %d generated values per sender per query; "
@@ -132,40 +164,52 @@ def train(cfg: DictConfig, progress: bool = True, stop_after: int | None = None,
     tflow.train()
     bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc="train generator",
                disable=not progress)
-    with open(log_path, "a") as log_file:
+    with open(log_path, "a") if world.main else contextlib.nullcontext() as log_file:
         for step in bar:
             t0 = time.perf_counter()
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
             probs = batch_problems(problems, step, cfg.train.batch_size)
-            by_role = [cache.get(None, r, [p.question for p in probs]) for r in cfg.agents.senders]
+            mine = distributed.shard(probs, world)  # all of them in a single process
+            by_role = [cache.get(None, r, [p.question for p in mine]) for r in cfg.agents.senders]
             conds = [list(per_problem) for per_problem in zip(*by_role)]  # [problem][sender]
-            ce, l2, sq, _ = receiver_loss(tflow, receiver, linears, conds, probs, cfg)
-            loss = ce + cfg.train.l2_delta * l2
+            ce, l2, sq, n_tok = receiver_loss(tflow, receiver, linears, conds, mine, cfg)
+            if world.parallel:  # weights that make the summed gradient the whole batch's gradient
+                tok_share = n_tok / distributed.all_sum(n_tok, world, receiver.device)
+                row_share = len(mine) / len(probs)
+                loss = ce * tok_share + cfg.train.l2_delta * l2 * row_share
+                ce_all = distributed.all_sum(ce.item() * tok_share, world, receiver.device)
+                l2_all = distributed.all_sum(l2.item() * row_share, world, receiver.device)
+            else:
+                loss = ce + cfg.train.l2_delta * l2
+                ce_all, l2_all = ce.item(), l2.item()
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.sum_gradients(tflow.parameters(), world)
             gnorm = torch.nn.utils.clip_grad_norm_(tflow.parameters(), cfg.train.grad_clip)
             opt.step()
-            bar.set_postfix(loss=f"{ce.item():.4f}")
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps - 1:
-                rec = {"step": step, "loss": ce.item(), "l2": l2.item(), "grad_norm": gnorm.item(),
+            bar.set_postfix(loss=f"{ce_all:.4f}")
+            if world.main and (step % cfg.train.log_every == 0 or step == cfg.train.steps - 1):
+                rec = {"step": step, "loss": ce_all, "l2": l2_all, "grad_norm": gnorm.item(),
                        "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
                        "delta_w_norm_per_layer": layer_norms(sq)}
                 log_file.write(json.dumps(rec) + "\n")
                 log_file.flush()
             stopping = stop_after is not None and step + 1 - start >= stop_after and step + 1 < cfg.train.steps
-            if stopping or ((step + 1) % cfg.train.ckpt_every == 0 and step + 1 < cfg.train.steps):
+            if world.main and (stopping or ((step + 1) % cfg.train.ckpt_every == 0 and step + 1 < cfg.train.steps)):
                 torch_save_atomic({"model": tflow.state_dict(), "optim": opt.state_dict(), "step": step + 1,
                                    "rng": rng_state(), "config_hash": chash}, ckpt_path)
             if stopping:
                 log.info("stopping after step %d as asked; rerun to resume", step + 1)
                 return None
-    save_generator(final, tflow.eval(), cfg, receiver, sender, trained_steps=cfg.train.steps, config_hash=chash,
-                   data_sources=data.sources, decontamination_removed=data.removed)
-    write_json_atomic(out / "train_summary.json", {
-        "steps": cfg.train.steps, "trainable_parameters": n_params, "training_problems": len(problems),
-        "data_sources": data.sources, "decontamination_removed": data.removed, "seed": cfg.train.seed,
-        "config": OmegaConf.to_container(cfg, resolve=True), "provenance": provenance()})
+    if world.main:
+        save_generator(final, tflow.eval(), cfg, receiver, sender, trained_steps=cfg.train.steps, config_hash=chash,
+                       data_sources=data.sources, decontamination_removed=data.removed)
+        write_json_atomic(out / "train_summary.json", {
+            "steps": cfg.train.steps, "trainable_parameters": n_params, "training_problems": len(problems),
+            "data_sources": data.sources, "decontamination_removed": data.removed, "seed": cfg.train.seed,
+            "ranks": world.size, "config": OmegaConf.to_container(cfg, resolve=True), "provenance": provenance()})
+    distributed.barrier(world)  # the other ranks return once the generator is on disk
     return final
 
 
