@@ -15,11 +15,11 @@ RUN := $(shell sed -n 's/^run_name: *\([^ #]*\).*/\1/p' config/config.yaml)
 setup:
 	@VENV=$(VENV) scripts/setup.sh
 
-reproduce: setup  ## train a generator briefly on SmolLM2 x 3, then measure it (held-out loss, GSM8K)
-	$(PY) -m snakemake --cores $(CORES) --printshellcmds
-	@echo; echo "== held-out loss (results/$(RUN)/heldout.json) =="; \
-	  $(PY) -c "import json;d=json.load(open('results/$(RUN)/heldout.json'));print({k:d[k] for k in ['problems','scored_tokens','ce_trained','ce_zero_delta','relative_change']})"
-	@echo "== GSM8K (results/$(RUN)/gsm8k/summary.json) =="; tail -n 4 logs/$(RUN)/gsm8k_quickstart.log
+reproduce: setup  ## the whole default DAG (config/config.yaml): data, training, every evaluation, stats, paper/
+	$(PY) -m snakemake --cores $(CORES)
+	@echo; echo "== main family (results/$(RUN)/stats/cells.csv; tables in paper/tables/, figures in paper/figures/) =="
+	@$(PY) -c "import pandas as pd; d=pd.read_csv('results/$(RUN)/stats/cells.csv'); d=d[d.family=='main']; \
+	  print(d[['task','method','n_problems','n_seeds','acc_mean','acc_ci_low','acc_ci_high','tokens_mean','seconds_mean','p_holm']].to_string(index=False, float_format=lambda x: f'{x:.3g}'))"
 
 test: setup  ## the default test suite (CPU, a few minutes)
 	$(PY) -m pytest -q
@@ -33,5 +33,5 @@ dry-run: setup
 bench-decode: setup  ## receiver decode throughput with transient LoRA vs none (writes results/reference/)
 	$(PY) -m tflow.bench_decode --repeats 7 --out results/reference/bench_decode_cpu.csv
 
-clean:
-	rm -rf results/runs results/$(RUN) logs benchmarks .snakemake
+clean:  ## remove the default run's outputs (results/<run>, logs, benchmarks, generated paper files)
+	rm -rf results/$(RUN) logs/$(RUN) benchmarks/$(RUN) paper/tables paper/figures/*.p?? paper/generated paper/main.pdf .snakemake

@@ -1,6 +1,7 @@
 """The Snakemake workflow: lint clean, schema-validated config, DAG shapes of the default and paper
 configs, and a tiny end-to-end run on a tiny model that writes every table, figure and macro."""
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -166,6 +167,10 @@ def test_tiny_end_to_end_run_writes_every_artifact_then_does_nothing(tiny_projec
         for ext in ("pdf", "png"):
             assert (work / "paper" / "figures" / f"{f['name']}.{ext}").stat().st_size > 1000
     assert "\\newcommand" in (work / "paper" / "generated" / "macros.tex").read_text()
+    if shutil.which("latexmk"):  # the DAG builds the PDF where LaTeX is installed; a LaTeX error fails the run
+        assert (work / "paper" / "main.pdf").stat().st_size > 10_000
+    elif os.environ.get("TFLOW_REQUIRE_LATEX") == "1":  # CI sets this: it installs latexmk first
+        pytest.fail("TFLOW_REQUIRE_LATEX=1 but latexmk is not installed (see README: apt-get install latexmk ...)")
     stats = (work / "results" / "tiny" / "stats" / "cells.csv").read_text()
     assert "ablation_fusion" in stats and "tflow_shuffled" in stats
     again = _run_dag(work, "-n")

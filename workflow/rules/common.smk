@@ -58,6 +58,12 @@ def config_args():
     return quote(a for p in config["run_config"] for a in ("--config", p))
 
 
+def train_launcher():
+    """python, or torchrun over config['train_gpus'] ranks (data-parallel generator training)."""
+    n = config.get("train_gpus", 1)
+    return "python" if n == 1 else f"torchrun --standalone --nproc_per_node {n}"
+
+
 def common_overrides():
     return list(config.get("overrides", []))
 

@@ -34,6 +34,7 @@ rule train_generator:
     params:
         config_args=config_args(),
         overrides=lambda wildcards, output: train_overrides(wildcards, output),
+        launcher=train_launcher(),
     log:
         f"logs/{RUN}/train_generator/{{cell}}/seed~{{seed}}.log",
     benchmark:
@@ -43,11 +44,12 @@ rule train_generator:
         seed=r"\d+",
     threads: 1
     resources:
-        gpu=config["gpus_per_job"],
+        gpu=config["gpus_per_job"] * config["train_gpus"],
     conda:
         "../../environment.yml"
     shell:
-        "python -m tflow.train {params.config_args} {params.overrides} --no-progress --restart-on-change > {log} 2>&1"
+        "{params.launcher} -m tflow.train {params.config_args} {params.overrides} --no-progress --restart-on-change "
+        "> {log} 2>&1"
 
 
 rule train_static_lora:
