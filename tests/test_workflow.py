@@ -51,7 +51,8 @@ def _expected(cfg: dict, specs: dict) -> dict[str, int]:
     return {"prepare_data": tasks, "cache_conditions": 1, "train_generator": len(cells) * seeds,
             "train_static_lora": seeds if "static_lora" in methods else 0,
             "evaluate": (others * tasks + len(cell_tasks)) * seeds, "collect": 1, "stats": 1,
-            "make_table": len(specs["tables"]), "make_figure": len(specs["figures"]), "make_macros": 1, "all": 1}
+            "make_table": len(specs["tables"]), "make_figure": len(specs["figures"]), "make_macros": 1,
+            "paper_pdf": int(shutil.which("latexmk") is not None), "all": 1}
 
 
 def test_lint_is_clean():
