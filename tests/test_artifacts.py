@@ -279,3 +279,12 @@ def test_clis_write_atomically(frames, tmp_path):
     assert sorted(p.name for p in (tmp_path / "fig").iterdir()) == ["ablation_scale.pdf", "ablation_scale.png"]
     with pytest.raises(SystemExit):
         artifacts.main(common + ["--tables-dir", str(tmp_path / "tables"), "--only", "nope"])
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    """mkstemp creates 0600 files; generated results must be readable like any other file."""
+    from tflow.utils import default_file_mode, write_text_atomic
+
+    write_text_atomic(tmp_path / "a.txt", "x")
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == default_file_mode()
+    assert list(tmp_path.iterdir()) == [tmp_path / "a.txt"]  # no temp file left behind

@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -27,6 +25,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: 
 import pandas as pd  # noqa: E402
 
 from tflow.artifacts import finite, label, load_specs, order_key, parse_cell, read_frame  # noqa: E402
+from tflow.utils import atomic_path  # noqa: E402
 
 OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
 MARKERS = "osD^vP*X"
@@ -184,14 +183,8 @@ def save_figure(fig, out_dir, name: str, provenance: dict) -> list[Path]:
     written = []
     for ext, md in (("pdf", {"Subject": meta, "Creator": "tflow.figures", "CreationDate": None}),
                     ("png", {"Description": meta, "Software": "tflow.figures"})):
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=f".{ext}", dir=out_dir)
-        os.close(fd)
-        try:
+        with atomic_path(out_dir / f"{name}.{ext}", suffix=f".{ext}") as tmp:  # savefig reads the suffix
             fig.savefig(tmp, format=ext, metadata=md, dpi=200)
-            os.replace(tmp, out_dir / f"{name}.{ext}")
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
         written.append(out_dir / f"{name}.{ext}")
     plt.close(fig)
     return written
