@@ -65,6 +65,27 @@ def data_dir() -> str:
     return os.environ.get("TFLOW_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
+def save_tiny_model(folder: Path, tokenizer) -> Path:
+    """A tiny Llama + tokenizer as a transformers folder, loadable with model.receiver.source=path
+    (init_range 0.5: sharp logits, so end-of-turn is rarely sampled)."""
+    make_backbone(tokenizer, init_range=0.5).model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_tiny_layer(work: Path, tokenizer, data_dir: str, **train) -> Path:
+    """work/tiny.yaml: a run-config layer on a tiny model saved in work/tiny-llama (cache in work/cache)."""
+    import yaml
+
+    model_dir = save_tiny_model(work / "tiny-llama", tokenizer)
+    layer = {"model": {"receiver": {"source": "path", "name": str(model_dir), "dtype": "float32", "device": "cpu"},
+                       "threads": 1, "cache_dir": str(work / "cache")},
+             "data": {"data_dir": data_dir, "per_source_limit": 24, "max_solution_tokens": 32},
+             "train": train}
+    (work / "tiny.yaml").write_text(yaml.safe_dump(layer))
+    return work / "tiny.yaml"
+
+
 TINY_OVERRIDES = [
     "generator.width=32", "generator.heads=2", "generator.tile_size=16", "generator.depth=1",
     "fusion.gate_width=8", "lora.output_scale=1.0", "agents.max_question_tokens=64",

@@ -1,13 +1,13 @@
 """Data-parallel training under torchrun: two CPU ranks (gloo) train the same generator as one process."""
+import json
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
-import yaml
 
-from conftest import TINY_OVERRIDES, make_backbone
+from conftest import TINY_OVERRIDES, write_tiny_layer
 from tflow import distributed
 from tflow.errors import ConfigError
 
@@ -26,17 +26,10 @@ def test_shard_and_world_from_environment(monkeypatch):
 
 @pytest.mark.slow
 def test_two_ranks_train_the_same_generator_as_one_process(tmp_path, tiny_tokenizer, data_dir):
-    model_dir = tmp_path / "tiny"
-    bb = make_backbone(tiny_tokenizer, init_range=0.5)
-    bb.model.save_pretrained(model_dir)
-    tiny_tokenizer.save_pretrained(model_dir)
-    layer = {"model": {"receiver": {"source": "path", "name": str(model_dir), "dtype": "float32", "device": "cpu"},
-                       "threads": 1, "cache_dir": str(tmp_path / "cache")},
-             "data": {"data_dir": data_dir, "per_source_limit": 24, "max_solution_tokens": 32},
-             "train": {"steps": 3, "batch_size": 4, "warmup_steps": 1, "log_every": 1, "ckpt_every": 2}}
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(layer))
+    layer = write_tiny_layer(tmp_path, tiny_tokenizer, data_dir, steps=3, batch_size=4, warmup_steps=1, log_every=1,
+                             ckpt_every=2)
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    common = ["-m", "tflow.train", "--config", str(tmp_path / "tiny.yaml"), "--no-progress", *TINY_OVERRIDES]
+    common = ["-m", "tflow.train", "--config", str(layer), "--no-progress", *TINY_OVERRIDES]
     runs = {"one": [sys.executable, *common],
             "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *common]}
     for name, cmd in runs.items():
@@ -53,10 +46,10 @@ def test_two_ranks_train_the_same_generator_as_one_process(tmp_path, tiny_tokeni
     init = torch.load(tmp_path / "one" / "ckpt" / "last.pt", weights_only=False)["model"]  # after step 2 of 3
     moved = sum(not torch.equal(init[k], v) for k, v in one["state_dict"].items())
     assert moved > 0  # the last step changed the weights: the comparison is not between untrained generators
-    logs = [[yaml.safe_load(line) for line in (tmp_path / n / "train_log.jsonl").read_text().splitlines()]
+    logs = [[json.loads(line) for line in (tmp_path / n / "train_log.jsonl").read_text().splitlines()]
             for n in ("one", "two")]
     assert [r["step"] for r in logs[1]] == [0, 1, 2]
     for a, b in zip(*logs):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["l2"] == pytest.approx(a["l2"], rel=1e-5, abs=1e-9)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
-    assert yaml.safe_load((tmp_path / "two" / "train_summary.json").read_text())["ranks"] == 2
+    assert json.loads((tmp_path / "two" / "train_summary.json").read_text())["ranks"] == 2

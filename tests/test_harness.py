@@ -5,17 +5,13 @@ import json
 import pytest
 import torch
 
-from conftest import TINY_OVERRIDES, make_backbone
+from conftest import TINY_OVERRIDES, save_tiny_model
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tiny_tokenizer):
     """A tiny Llama + tokenizer as a transformers folder, loadable with model.receiver.source=path."""
-    folder = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    bb = make_backbone(tiny_tokenizer, init_range=0.5)  # sharp logits: end-of-turn is rarely sampled
-    bb.model.save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama", tiny_tokenizer)
 
 
 def _overrides(tiny_dir, data_dir, out, method, **extra):

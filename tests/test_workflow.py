@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import TINY_OVERRIDES, make_backbone
+from conftest import TINY_OVERRIDES, write_tiny_layer
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile")]
@@ -124,21 +124,14 @@ def test_every_yaml_in_config_merges_into_its_schema():
 def tiny_project(tmp_path_factory, tiny_tokenizer, data_dir):
     """A temp workdir with a tiny model, a tiny run layer and a DAG config covering every family."""
     work = tmp_path_factory.mktemp("dag")
-    model_dir = work / "tiny-llama"
-    bb = make_backbone(tiny_tokenizer, init_range=0.5)
-    bb.model.save_pretrained(model_dir)
-    tiny_tokenizer.save_pretrained(model_dir)
-    layer = {"model": {"receiver": {"source": "path", "name": str(model_dir), "dtype": "float32", "device": "cpu"},
-                       "threads": 1, "cache_dir": str(work / "cache")},
-             "data": {"data_dir": data_dir, "per_source_limit": 24, "max_solution_tokens": 32},
-             "train": {"steps": 2, "batch_size": 2, "warmup_steps": 1, "log_every": 1, "ckpt_every": 1}}
-    (work / "tiny.yaml").write_text(yaml.safe_dump(layer))
+    layer = write_tiny_layer(work, tiny_tokenizer, data_dir, steps=2, batch_size=2, warmup_steps=1, log_every=1,
+                             ckpt_every=1)
     for fam in ("rank", "scale", "fusion"):
         rows = {"rank": ["4\t1.0\tmean", "8\t1.0\tmean"], "scale": ["4\t0.5\tmean", "4\t1.0\tmean"],
                 "fusion": ["4\t1.0\tmean", "4\t1.0\tmax", "4\t1.0\tattention"]}[fam]
         (work / f"{fam}.tsv").write_text("rank\tscale\tfusion\n" + "\n".join(rows) + "\n")
     cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-    cfg.update(run_name="tiny", run_config=[str(work / "tiny.yaml")], seeds=[0, 1], tasks=["gsm8k"],
+    cfg.update(run_name="tiny", run_config=[str(layer)], seeds=[0, 1], tasks=["gsm8k"],
                overrides=TINY_OVERRIDES, n_boot=200, paper_specs=str(ROOT / "config" / "paper.yaml"),
                eval={**cfg["eval"], "n": 3, "max_new_tokens": 4, "batch_size": 3, "message_tokens": 3},
                ablations={f"ablation_{f}": {"sweep": str(work / f"{f}.tsv"), "tasks": ["gsm8k"]}

@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from tflow.stats import parse_cell
+
 METRICS = {"accuracy": ("acc_mean", r"Acc.\ (\%)"), "tokens": ("tokens_mean", "Tokens"),
            "seconds": ("seconds_mean", "Time (s)")}
 MACRO_METRICS = {"acc": "acc_mean", "tok": "tokens_mean", "sec": "seconds_mean", "delta": "delta", "pholm": "p_holm"}
@@ -104,12 +106,6 @@ def label(specs, kind, key, tex=True) -> str:
     return escape(text) if tex else str(text)
 
 
-def parse_cell(cell) -> dict:
-    """'rank~8_scale~0.5' -> {'rank': '8', 'scale': '0.5'}; 'default' -> {}."""
-    parts = re.split(r"_(?=[A-Za-z][A-Za-z0-9]*~)", str(cell))
-    return dict(p.split("~", 1) for p in parts if "~" in p)
-
-
 def order_key(value, order=None):
     if order and value in order:
         return (0, order.index(value), "")
@@ -193,9 +189,6 @@ def render_table(stats: pd.DataFrame, spec: dict, provenance: dict, specs: dict 
     if not keys and "is_baseline" in stats:  # the rows summarize() marked as the family's reference
         keys = [k for k, _, f in rows if any(r is not None and not b and bool(r.get("is_baseline"))
                                              for r, b in f.values())]
-    if spec["row_by"] == "cell" and not keys:  # the baseline cell: the only row without any test
-        keys = [k for k, _, f in rows if all(f[t][0] is None or not finite(f[t][0].get("p_holm")) for t in tasks)]
-        keys = keys if len(keys) == 1 else []
     is_base = {k: k in keys for k, _, _ in rows}
     if spec["row_by"] == "cell":
         base = keys[0] if keys else None

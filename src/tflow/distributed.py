@@ -63,12 +63,13 @@ def shard(items: Sequence[T], world: World) -> list[T]:
     return list(items[world.rank::world.size])
 
 
-def all_sum(value: float, world: World, device: str | torch.device = "cpu") -> float:
+def all_sum(values: Sequence[float], world: World, device: str | torch.device = "cpu") -> list[float]:
+    """Element-wise sums over ranks of a few scalars, in one collective."""
     if not world.parallel:
-        return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return float(t.item())
+    return t.tolist()
 
 
 def sum_gradients(params: Iterable[torch.nn.Parameter], world: World) -> None:

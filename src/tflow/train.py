@@ -174,15 +174,13 @@ def _train(cfg: DictConfig, world: distributed.World, progress: bool, stop_after
             by_role = [cache.get(None, r, [p.question for p in mine]) for r in cfg.agents.senders]
             conds = [list(per_problem) for per_problem in zip(*by_role)]  # [problem][sender]
             ce, l2, sq, n_tok = receiver_loss(tflow, receiver, linears, conds, mine, cfg)
-            if world.parallel:  # weights that make the summed gradient the whole batch's gradient
-                tok_share = n_tok / distributed.all_sum(n_tok, world, receiver.device)
-                row_share = len(mine) / len(probs)
-                loss = ce * tok_share + cfg.train.l2_delta * l2 * row_share
-                ce_all = distributed.all_sum(ce.item() * tok_share, world, receiver.device)
-                l2_all = distributed.all_sum(l2.item() * row_share, world, receiver.device)
-            else:
-                loss = ce + cfg.train.l2_delta * l2
-                ce_all, l2_all = ce.item(), l2.item()
+            # Each rank's share of the batch (1 in a single process): weights that make the summed gradient
+            # the whole batch's gradient. One collective gives the token total and the batch's ce and l2.
+            row_share = len(mine) / len(probs)
+            n_all, ce_sum, l2_all = distributed.all_sum([n_tok, ce.item() * n_tok, l2.item() * row_share],
+                                                        world, receiver.device)
+            ce_all = ce_sum / n_all  # exact: the shares are 1.0 in a single process
+            loss = ce * (n_tok / n_all) + cfg.train.l2_delta * l2 * row_share
             opt.zero_grad(set_to_none=True)
             loss.backward()
             distributed.sum_gradients(tflow.parameters(), world)

@@ -1,13 +1,15 @@
 # Helper functions and DAG bookkeeping of the workflow (the only place for Python code, by convention).
-import hashlib
-import json
+import functools
 import os
 import shlex
 import shutil
 
 import pandas as pd
-import yaml
 from snakemake.utils import Paramspace
+
+from tflow.artifacts import load_specs
+from tflow.config import config_hash as hash_of, load_config
+from tflow.stats import parse_cell
 
 RUN = config["run_name"]
 R = f"results/{RUN}"
@@ -38,14 +40,9 @@ SWEEPS = {fam: read_sweep(spec["sweep"]) for fam, spec in config.get("ablations"
 CELLS = sorted({MAIN, *(c for ps in SWEEPS.values() for c in ps.instance_patterns)})
 
 
-def cell_params(cell):
-    """rank~8_scale~0.5_fusion~mean -> {'rank': '8', 'scale': '0.5', 'fusion': 'mean'}."""
-    return dict(part.split("~", 1) for part in cell.split("_"))
-
-
 def cell_overrides(cell):
     """A sweep cell as run-config overrides: LoRA rank, alpha = 2 * rank * scale (TFlow: alpha/r = 2), fusion."""
-    p = cell_params(cell)
+    p = parse_cell(cell)
     rank, scale = int(p["rank"]), float(p["scale"])
     return [f"lora.rank={rank}", f"lora.alpha={2.0 * rank * scale}", f"fusion.name={p['fusion']}"]
 
@@ -72,8 +69,12 @@ def generator_path(cell, seed):
     return f"{R}/generators/{cell}/seed~{seed}/generator.pt"
 
 
+def static_lora_dir(seed):
+    return f"{R}/static_lora/seed~{seed}"
+
+
 def static_adapter_marker(seed):
-    return f"{R}/static_lora/seed~{seed}/adapter/tflow_static.json"
+    return f"{static_lora_dir(seed)}/adapter/tflow_static.json"
 
 
 def eval_path(task, method, cell, seed):
@@ -138,10 +139,10 @@ def eval_overrides(wildcards, input, output):
     return quote(common_overrides() + args)
 
 
-def train_overrides(wildcards, output):
-    out = os.path.dirname(output[0]) if "static" not in output[0] else os.path.dirname(os.path.dirname(output[0]))
+def train_overrides(wildcards, out_dir):
+    """The training entry points' key=value arguments: the cell (the main cell for the static LoRA), seed, folder."""
     cell = getattr(wildcards, "cell", MAIN)
-    return quote(common_overrides() + cell_overrides(cell) + [f"train.seed={wildcards.seed}", f"train.out_dir={out}"])
+    return quote(common_overrides() + cell_overrides(cell) + [f"train.seed={wildcards.seed}", f"train.out_dir={out_dir}"])
 
 
 def records_manifest():
@@ -168,9 +169,10 @@ def kernel_bench_csvs():
     return found or ["results/reference/bench_kernels_cpu.csv"]
 
 
+@functools.cache
 def paper_specs():
-    with open(config["paper_specs"]) as f:
-        return yaml.safe_load(f)
+    """config/paper.yaml, validated (tflow.artifacts.load_specs), read once per DAG construction."""
+    return load_specs(config["paper_specs"])
 
 
 def table_names():
@@ -183,7 +185,7 @@ def figure_names():
 
 def config_hash():
     """Short hash of the resolved Snakemake config (recorded in every generated paper file)."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return hash_of(config)
 
 
 def paper_targets():
@@ -197,12 +199,11 @@ def paper_targets():
 
 def check_run_configs():
     """Load every distinct run config the DAG will use: a typo or wrong type fails here, naming the key."""
-    from tflow.config import load_config
-
     for cell in CELLS:
         load_config(config["run_config"], common_overrides() + cell_overrides(cell) + ["train.seed=0"])
-    load_config(config["run_config"], common_overrides() + [f"eval.{k}={'null' if v is None else v}"
-                                                            for k, v in config["eval"].items()])
+    message = config["eval"].get("message_tokens")
+    load_config(config["run_config"], common_overrides() + eval_settings()
+                + ([f"eval.message_tokens={message}"] if message else []))
     for task, extra in config.get("task_overrides", {}).items():
         load_config(config["run_config"], common_overrides() + list(extra))
 

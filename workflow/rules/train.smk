@@ -33,7 +33,7 @@ rule train_generator:
         generator=f"{R}/generators/{{cell}}/seed~{{seed}}/generator.pt",
     params:
         config_args=config_args(),
-        overrides=lambda wildcards, output: train_overrides(wildcards, output),
+        overrides=lambda wildcards, output: train_overrides(wildcards, os.path.dirname(output.generator)),
         launcher=train_launcher(),
     log:
         f"logs/{RUN}/train_generator/{{cell}}/seed~{{seed}}.log",
@@ -56,10 +56,10 @@ rule train_static_lora:
     input:
         layers=config["run_config"],
     output:
-        adapter=f"{R}/static_lora/seed~{{seed}}/adapter/tflow_static.json",
+        adapter=static_adapter_marker("{seed}"),
     params:
         config_args=config_args(),
-        overrides=lambda wildcards, output: train_overrides(wildcards, output),
+        overrides=lambda wildcards: train_overrides(wildcards, static_lora_dir(wildcards.seed)),
     log:
         f"logs/{RUN}/train_static_lora/seed~{{seed}}.log",
     benchmark:
