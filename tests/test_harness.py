@@ -169,3 +169,26 @@ def test_every_task_runs_through_the_harness(tiny_dir, data_dir, tmp_path, task)
     if task in ("humanevalplus", "mbppplus"):  # evalplus base and plus status per problem
         assert all(r["detail"]["base"] in ("pass", "fail", "timeout", "error") for r in recs)
         assert set(m["pass@1"]) == {"base", "plus"}
+
+
+def test_runs_sharing_a_process_match_runs_alone(tiny_dir, data_dir, tmp_path, checkpoint, capsys):
+    """--each: seeds run one after another in one process give what each gives alone (sampled, tflow hooks)."""
+    from tflow.evaluate import main
+
+    shared = [o for o in _overrides(tiny_dir, data_dir, "unused", "tflow", **{"eval.checkpoint": checkpoint,
+              "eval.do_sample": "true"}) if not o.startswith("eval.out_dir=")]
+    main([*shared, "--each", f"eval.seed=3 eval.out_dir={tmp_path / 'a'}",
+          "--each", f"eval.seed=4 eval.out_dir='{tmp_path / 'b b'}'"])
+    main([*shared, "eval.seed=4", f"eval.out_dir={tmp_path / 'alone'}"])
+
+    def answers(folder):
+        return [(r["task_id"], r["prediction"], r["tokens"]) for r in
+                map(json.loads, (tmp_path / folder / "records.jsonl").read_text().splitlines())]
+
+    assert answers("b b") == answers("alone")
+    assert answers("a") != answers("alone")  # the seed reached the sampler
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["config"]["eval"]["seed"] == 3
+    with pytest.raises(SystemExit):
+        main([*shared, "--each", f"eval.seed=1 eval.out_dir={tmp_path / 'c'}",
+              "--each", f"eval.seed=2 eval.out_dir={tmp_path / 'c'}"])
+    assert "share an eval.out_dir" in capsys.readouterr().err and not (tmp_path / "c").exists()

@@ -33,7 +33,8 @@ def _job_counts(out: str) -> dict[str, int]:
 
 
 def _expected(cfg: dict, specs: dict) -> dict[str, int]:
-    """Jobs per rule from the config: cells x seeds x tasks x methods (cell-free methods run once per task and seed)."""
+    """Jobs per rule from the config: cells x seeds x tasks x methods (cell-free methods run once per task and
+    seed); with eval_seeds_per_job one evaluate job runs every seed of a (task, method, cell)."""
     import pandas as pd
 
     seeds, tasks = len(cfg["seeds"]), len(cfg["tasks"])
@@ -50,7 +51,8 @@ def _expected(cfg: dict, specs: dict) -> dict[str, int]:
     others = len(methods - {"tflow"})  # at the main cell (or cell-free), every task
     return {"prepare_data": tasks, "cache_conditions": 1, "train_generator": len(cells) * seeds,
             "train_static_lora": seeds if "static_lora" in methods else 0,
-            "evaluate": (others * tasks + len(cell_tasks)) * seeds, "collect": 1, "stats": 1,
+            "evaluate": (others * tasks + len(cell_tasks)) * (1 if cfg.get("eval_seeds_per_job") else seeds),
+            "collect": 1, "stats": 1,
             "make_table": len(specs["tables"]), "make_figure": len(specs["figures"]), "make_macros": 1,
             "paper_pdf": int(shutil.which("latexmk") is not None), "all": 1}
 
@@ -60,18 +62,23 @@ def test_lint_is_clean():
     assert res.returncode == 0 and "Congratulations" in res.stdout + res.stderr, res.stdout + res.stderr
 
 
-@pytest.mark.parametrize("configfile, profile", [("config/config.yaml", None),
-                                                 ("config/paper_scale.yaml", "workflow/profiles/slurm")])
-def test_dry_run_dag_shape(tmp_path, configfile, profile):
-    args = ["-n", "--quiet", "rules", "--directory", str(ROOT), "--configfile", str(ROOT / configfile)]
+@pytest.mark.parametrize("configfile, profile, per_seed", [("config/config.yaml", None, None),
+                                                           ("config/config.yaml", None, False),
+                                                           ("config/paper_scale.yaml", "workflow/profiles/slurm", None)])
+def test_dry_run_dag_shape(tmp_path, configfile, profile, per_seed):
+    args = ["-n", "--forceall", "--quiet", "rules", "--directory", str(ROOT), "--configfile", str(ROOT / configfile)]
     if profile:
         args += ["--profile", str(ROOT / profile)]
     else:
         args += ["--cores", "2"]
+    if per_seed is not None:
+        args += ["--config", f"eval_seeds_per_job={per_seed}"]
     res = _snakemake(*args)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out
     cfg = yaml.safe_load((ROOT / configfile).read_text())
+    if per_seed is not None:
+        cfg["eval_seeds_per_job"] = per_seed
     specs = yaml.safe_load((ROOT / cfg["paper_specs"]).read_text())
     expected = {k: v for k, v in _expected(cfg, specs).items() if v}
     counts = _job_counts(out)
@@ -181,6 +188,7 @@ def test_editing_one_sweep_row_reruns_only_that_cell(tiny_project):
     res = _run_dag(work, "-n", "--quiet", "rules")
     counts = _job_counts(res.stdout + res.stderr)
     assert res.returncode == 0
-    assert counts["train_generator"] == 2 and counts["evaluate"] == 2, counts  # the new cell, both seeds
+    assert counts["train_generator"] == 2, counts  # the new cell, both seeds
+    assert counts["evaluate"] == 1, counts  # both seeds in one job (config.yaml: eval_seeds_per_job)
     assert "cache_conditions" not in counts and "train_static_lora" not in counts
     assert counts["collect"] == counts["stats"] == 1  # and the aggregates

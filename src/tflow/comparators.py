@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from tflow.accounting import Accounting, PrefillTimer
 from tflow.agents import chat_text, receiver_batch
 from tflow.errors import ConfigError
-from tflow.methods import MethodOutput, decode_rows, generate, sampling, share_seconds
+from tflow.methods import MethodOutput, decode_rows, generate, sampling, share_seconds, warm_up
 from tflow.models import Backbone, decoder_layers
 from tflow.tasks.base import EvalProblem
 
@@ -74,7 +74,10 @@ class ActivationCommunication:
         self.j = resolve_layer(ev.ac_receiver_layer, receiver.num_layers)
 
     def prepare(self, problems: Sequence[EvalProblem]) -> None:
-        pass
+        if problems:  # the untimed warm-up every method gets (tflow.methods.warm_up)
+            warm_up(self.receiver, self.cfg.agents.receiver, problems[0].question)
+            if self.sender is not self.receiver:
+                warm_up(self.sender, self.cfg.agents.senders[0], problems[0].question)
 
     @torch.no_grad()
     def sender_state(self, questions: Sequence[str], acc: Accounting, rows: list[Accounting]) -> torch.Tensor:
@@ -121,7 +124,8 @@ class KVCommunication:
         self.cfg, self.model = cfg, receiver
 
     def prepare(self, problems: Sequence[EvalProblem]) -> None:
-        pass
+        if problems:  # the untimed warm-up every method gets (tflow.methods.warm_up)
+            warm_up(self.model, self.cfg.agents.receiver, problems[0].question)
 
     def layout(self, problems: Sequence[EvalProblem], prompts: Sequence[str]
                ) -> tuple[torch.Tensor, torch.Tensor, int, list[dict[str, int]]]:

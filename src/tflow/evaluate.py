@@ -12,6 +12,11 @@ Writes into `eval.out_dir`:
   metrics.json   accuracy (code: base and plus pass@1), truncation rate, processed tokens and
                  seconds (totals and per-problem means, per agent and per phase), peak memory, the
                  subset's task ids, the data source and version, resolved config and provenance
+Several runs in one process (the workflow runs every seed of a (task, method, cell) this way on
+small machines, where Python start-up is a third of a job): `--each "eval.seed=1 eval.out_dir=..."`,
+repeatable; each run is the shared layers and overrides plus its own, built from scratch (models
+loaded anew, seeds reset), and writes its own folder exactly as it would alone.
+
 Resume: rerunning the same command skips problems already recorded (a torn last line from an
 interruption is dropped first), so no problem is redone or duplicated. Another config in the same
 out_dir is an error naming the fix.
@@ -22,10 +27,12 @@ out_dir is an error naming the fix.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
 import resource
+import shlex
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -98,6 +105,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def peak_memory() -> dict[str, float]:
+    # the process's peak: with --each, runs earlier in the same process count too
     mem = {"max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # Linux: KiB
     if torch.cuda.is_available():
         mem["cuda_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -153,23 +161,37 @@ def evaluate(cfg: DictConfig, layers: Sequence[Any] = (), overrides: Sequence[st
     return metrics
 
 
+def report(m: dict[str, Any], out_dir: str) -> str:
+    """One line for the terminal: accuracy, truncation, tokens and seconds per problem."""
+    line = f"{m['task']} / {m['method']}: accuracy {m['accuracy']:.3f} on {m['n']} problems"
+    if "pass@1" in m:
+        line += f" (base {m['pass@1']['base']:.3f}, plus {m['pass@1']['plus']:.3f})"
+    return (line + f"; truncated {m['truncated_rate']:.2f}; processed tokens/problem {m['processed_tokens']['mean']:.0f}; "
+            f"seconds/problem {m['seconds']['mean']:.2f}; wrote {out_dir}/metrics.json")
+
+
 @cli
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", action="append", default=[], help="run-config YAML layer (repeatable)")
     ap.add_argument("overrides", nargs="*", help="key=value, e.g. eval.task=gsm8k eval.method=textmas eval.n=32")
+    ap.add_argument("--each", action="append", default=[], metavar="'K=V K=V'",
+                    help="one run's own overrides on top of the shared ones (repeatable: the runs go one after "
+                         "another in this process, e.g. one per seed)")
     ap.add_argument("--restart-on-change", action="store_true",
                     help="discard results of another config in eval.out_dir instead of failing (the workflow's reruns)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    cfg = load_config(args.config, args.overrides)
-    m = evaluate(cfg, args.config, args.overrides, args.restart_on_change)
-    line = f"{m['task']} / {m['method']}: accuracy {m['accuracy']:.3f} on {m['n']} problems"
-    if "pass@1" in m:
-        line += f" (base {m['pass@1']['base']:.3f}, plus {m['pass@1']['plus']:.3f})"
-    print(line + f"; truncated {m['truncated_rate']:.2f}; processed tokens/problem {m['processed_tokens']['mean']:.0f}; "
-          f"seconds/problem {m['seconds']['mean']:.2f}; wrote {cfg.eval.out_dir}/metrics.json")
-
+    runs = [[*args.overrides, *shlex.split(own)] for own in args.each] or [list(args.overrides)]
+    cfgs = [load_config(args.config, ov) for ov in runs]  # every run's config is checked before any model loads
+    outs = [c.eval.out_dir for c in cfgs]
+    if len(set(outs)) != len(outs):
+        raise ConfigError(f"--each runs share an eval.out_dir ({outs}); give each run its own folder")
+    for cfg, ov in zip(cfgs, runs):
+        m = evaluate(cfg, args.config, ov, args.restart_on_change)
+        print(report(m, cfg.eval.out_dir), flush=True)
+        del m
+        gc.collect()
 
 if __name__ == "__main__":
     main()

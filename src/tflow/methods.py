@@ -99,6 +99,17 @@ def generate(backbone: Backbone, role: str, messages: Sequence[str], ev: DictCon
     return results
 
 
+def warm_up(backbone: Backbone, role: str, text: str) -> None:
+    """An untimed greedy 2-token answer (no sampling, so no RNG drawn): first-call costs of a process
+    (kernel selection, allocator growth, lazy imports) are not per-query work, and every method gets the
+    same warm-up (TFlow's also loads its LoRA backend), whether it runs alone or after others (--each)."""
+    batch = receiver_batch(backbone.tokenizer, role, [text], padding_side="left")
+    with torch.no_grad():
+        backbone.model.generate(**{k: v.to(backbone.device) for k, v in batch.items()}, max_new_tokens=2,
+                                pad_token_id=backbone.tokenizer.pad_token_id, do_sample=False, temperature=None,
+                                top_p=None, top_k=None)
+
+
 def share_seconds(acc: Accounting, rows: list[Accounting]) -> None:
     for row in rows:
         for phase, sec in acc.seconds.items():
@@ -112,7 +123,8 @@ class Single:
         self.cfg, self.receiver, self.name = cfg, receiver, name
 
     def prepare(self, problems: Sequence[EvalProblem]) -> None:
-        pass
+        if problems:
+            warm_up(self.receiver, self.cfg.agents.receiver, problems[0].question)
 
     def answer(self, problems: Sequence[EvalProblem], prompts: Sequence[str]) -> list[MethodOutput]:
         acc, rows = Accounting(), [Accounting() for _ in problems]
@@ -138,7 +150,10 @@ class TextMAS:
         self.fixed = preset["fixed"]
 
     def prepare(self, problems: Sequence[EvalProblem]) -> None:
-        pass
+        if problems:
+            warm_up(self.receiver, self.cfg.agents.receiver, problems[0].question)
+            if self.sender is not self.receiver:
+                warm_up(self.sender, self.cfg.agents.senders[0], problems[0].question)
 
     def answer(self, problems: Sequence[EvalProblem], prompts: Sequence[str]) -> list[MethodOutput]:
         acc, rows = Accounting(), [Accounting() for _ in problems]

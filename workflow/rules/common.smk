@@ -51,6 +51,11 @@ def quote(args):
     return " ".join(shlex.quote(str(a)) for a in args)
 
 
+def split_join(args):
+    """Arguments as one string that shlex.split gives back (quoting only what needs it, for readable logs)."""
+    return " ".join(a if a and not any(c in a for c in " \t\n'\"\\") else shlex.quote(a) for a in map(str, args))
+
+
 def config_args():
     return quote(a for p in config["run_config"] for a in ("--config", p))
 
@@ -109,34 +114,70 @@ def data_overrides(wildcards):
     return quote(common_overrides() + eval_settings() + config.get("task_overrides", {}).get(wildcards.task, []))
 
 
+def eval_seed_scope():
+    """The seed part of an evaluate job's log and benchmark names: its seed, or every seed
+    (config eval_seeds_per_job: one job runs all seeds of a (task, method, cell) in one process)."""
+    if config["eval_seeds_per_job"]:
+        return "seeds~" + "-".join(str(s) for s in config["seeds"])
+    return "seed~{seed}"
+
+
+def eval_outputs():
+    """The evaluate rule's metrics files, as patterns over task, method, cell (and seed when a job is one seed)."""
+    seeds = config["seeds"] if config["eval_seeds_per_job"] else ["{seed}"]
+    return [eval_path("{task}", "{method}", "{cell}", s) for s in seeds]
+
+
+def job_seeds(wildcards):
+    return config["seeds"] if config["eval_seeds_per_job"] else [wildcards.seed]
+
+
+def eval_checkpoint(method, cell, seed):
+    """What eval.checkpoint names for a method: a generator, the static-LoRA adapter folder, or nothing."""
+    if method in TFLOW_METHODS:
+        return generator_path(cell, seed)
+    if method == "static_lora":
+        return os.path.dirname(static_adapter_marker(seed))
+    return None
+
+
 def eval_inputs(wildcards):
-    """The task's data manifest, the trained artifact a method needs (generator or static adapter) and
-    the run-config layers."""
+    """The task's data manifest, the trained artifacts the job's method needs (generators or static
+    adapters, one per seed of the job) and the run-config layers."""
     inputs = {"layers": config["run_config"], "data": data_manifest(wildcards.task)}
+    seeds = job_seeds(wildcards)
     if wildcards.method in TFLOW_METHODS:
-        inputs["checkpoint"] = generator_path(wildcards.cell, wildcards.seed)
+        inputs["checkpoint"] = [generator_path(wildcards.cell, s) for s in seeds]
     elif wildcards.method == "static_lora":
-        inputs["checkpoint"] = static_adapter_marker(wildcards.seed)
+        inputs["checkpoint"] = [static_adapter_marker(s) for s in seeds]
     return inputs
 
 
-def eval_overrides(wildcards, input, output):
-    """The evaluate entry point's key=value arguments for one (task, method, cell, seed)."""
+def eval_overrides(wildcards):
+    """The evaluate entry point's arguments: the shared key=value overrides of a (task, method, cell), then
+    each seed's own (seed, folder, checkpoint), inline for a one-seed job or as --each runs."""
     m = wildcards.method
-    args = eval_settings() + [f"eval.task={wildcards.task}", f"eval.seed={wildcards.seed}",
-                              f"eval.out_dir={os.path.dirname(output[0])}"]
+    shared = eval_settings() + [f"eval.task={wildcards.task}"]
     if m.startswith("textmas-"):
-        args += ["eval.method=textmas", f"eval.textmas_preset={m.split('-', 1)[1]}"]
+        shared += ["eval.method=textmas", f"eval.textmas_preset={m.split('-', 1)[1]}"]
         if m == "textmas-long" and config["eval"].get("message_tokens"):
-            args.append(f"eval.message_tokens={config['eval']['message_tokens']}")
+            shared.append(f"eval.message_tokens={config['eval']['message_tokens']}")
     else:
-        args.append(f"eval.method={m}")
+        shared.append(f"eval.method={m}")
     if m in TFLOW_METHODS:
-        args += [f"eval.checkpoint={input.checkpoint}", *cell_overrides(wildcards.cell)]
+        shared += cell_overrides(wildcards.cell)
     elif m == "static_lora":
-        args += [f"eval.checkpoint={os.path.dirname(input.checkpoint)}", *cell_overrides(MAIN)]
-    args += config.get("task_overrides", {}).get(wildcards.task, [])
-    return quote(common_overrides() + args)
+        shared += cell_overrides(MAIN)
+    shared = common_overrides() + shared + config.get("task_overrides", {}).get(wildcards.task, [])
+
+    def own(seed):
+        args = [f"eval.seed={seed}", f"eval.out_dir={os.path.dirname(eval_path(wildcards.task, m, wildcards.cell, seed))}"]
+        ckpt = eval_checkpoint(m, wildcards.cell, seed)
+        return args + ([f"eval.checkpoint={ckpt}"] if ckpt else [])
+
+    if not config["eval_seeds_per_job"]:
+        return quote(shared + own(wildcards.seed))
+    return quote(shared) + "".join(f" --each {shlex.quote(split_join(own(s)))}" for s in config["seeds"])
 
 
 def train_overrides(wildcards, out_dir):

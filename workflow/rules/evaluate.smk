@@ -1,18 +1,19 @@
-# Evaluation: one job per (task, method, cell, seed); resumable per problem (records.jsonl).
+# Evaluation: one job per (task, method, cell, seed), or per (task, method, cell) running every seed in one
+# process (config eval_seeds_per_job); resumable per problem (records.jsonl).
 
 
 rule evaluate:
     input:
         unpack(eval_inputs),
     output:
-        metrics=f"{R}/eval/{{task}}/{{method}}/{{cell}}/seed~{{seed}}/metrics.json",
+        metrics=eval_outputs(),
     params:
         config_args=config_args(),
         overrides=eval_overrides,
     log:
-        f"logs/{RUN}/eval/{{task}}/{{method}}/{{cell}}/seed~{{seed}}.log",
+        f"logs/{RUN}/eval/{{task}}/{{method}}/{{cell}}/{eval_seed_scope()}.log",
     benchmark:
-        f"benchmarks/{RUN}/eval/{{task}}/{{method}}/{{cell}}/seed~{{seed}}.tsv"
+        f"benchmarks/{RUN}/eval/{{task}}/{{method}}/{{cell}}/{eval_seed_scope()}.tsv"
     wildcard_constraints:
         task="|".join(config["tasks"]),
         method="[a-z0-9_-]+",
