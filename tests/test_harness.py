@@ -192,3 +192,20 @@ def test_runs_sharing_a_process_match_runs_alone(tiny_dir, data_dir, tmp_path, c
         main([*shared, "--each", f"eval.seed=1 eval.out_dir={tmp_path / 'c'}",
               "--each", f"eval.seed=2 eval.out_dir={tmp_path / 'c'}"])
     assert "share an eval.out_dir" in capsys.readouterr().err and not (tmp_path / "c").exists()
+
+
+def test_shared_backbones_are_reused_and_refuse_a_model_left_modified(tiny_dir):
+    from tflow.config import load_config
+    from tflow.pipeline import load_backbones, shared_backbones
+
+    cfg = load_config([], TINY_OVERRIDES + ["model.receiver.source=path", f"model.receiver.name={tiny_dir}",
+                                            "model.receiver.dtype=float32"])
+    with shared_backbones():
+        first, _ = load_backbones(cfg)
+        assert load_backbones(cfg)[0] is first
+        handle = first.model.get_submodule("model.layers.0.mlp.up_proj").register_forward_hook(lambda *a: None)
+        with pytest.raises(RuntimeError, match="left hooks"):
+            load_backbones(cfg)
+        handle.remove()
+        assert load_backbones(cfg)[0] is first
+    assert load_backbones(cfg)[0] is not first  # outside the context every call loads anew

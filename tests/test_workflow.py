@@ -1,6 +1,7 @@
 """The Snakemake workflow: lint clean, schema-validated config, DAG shapes of the default and paper
 configs, and a tiny end-to-end run on a tiny model that writes every table, figure and macro."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -34,24 +35,27 @@ def _job_counts(out: str) -> dict[str, int]:
 
 def _expected(cfg: dict, specs: dict) -> dict[str, int]:
     """Jobs per rule from the config: cells x seeds x tasks x methods (cell-free methods run once per task and
-    seed); with eval_seeds_per_job one evaluate job runs every seed of a (task, method, cell)."""
+    seed; a family's `tasks` narrows its tasks); with eval_seeds_per_job one evaluate job runs every seed of a
+    (task, method, cell)."""
     import pandas as pd
 
     seeds, tasks = len(cfg["seeds"]), len(cfg["tasks"])
     main = "rank~{rank}_scale~{scale:.1f}_fusion~{fusion}".format(**cfg["main_cell"])
-    sweeps = {fam: pd.read_csv(ROOT / a["sweep"], sep="\t").assign(scale=lambda d: d.scale.astype(float))
-              for fam, a in cfg["ablations"].items()}
-    cell_tasks = {(main, t) for t in cfg["tasks"]}
-    for fam, df in sweeps.items():
+    evals = set()  # (task, method, cell)
+    for fam in cfg["families"].values():
+        for m in fam["methods"]:
+            cell = main if m.startswith("tflow") or m == "static_lora" else "none"
+            evals |= {(t, m, cell) for t in fam.get("tasks", cfg["tasks"])}
+    for fam, a in cfg["ablations"].items():
+        df = pd.read_csv(ROOT / a["sweep"], sep="\t").assign(scale=lambda d: d.scale.astype(float))
         for _, row in df.iterrows():
             cell = f"rank~{row['rank']}_scale~{row['scale']}_fusion~{row['fusion']}"
-            cell_tasks |= {(cell, t) for t in cfg["ablations"][fam]["tasks"]}
-    cells = {c for c, _ in cell_tasks}
-    methods = {m for f in cfg["families"].values() for m in f["methods"]}
-    others = len(methods - {"tflow"})  # at the main cell (or cell-free), every task
+            evals |= {(t, "tflow", cell) for t in a["tasks"]}
+    cells = {c for _, m, c in evals if c != "none" and m != "static_lora"}
+    methods = {m for _, m, _ in evals}
     return {"prepare_data": tasks, "cache_conditions": 1, "train_generator": len(cells) * seeds,
             "train_static_lora": seeds if "static_lora" in methods else 0,
-            "evaluate": (others * tasks + len(cell_tasks)) * (1 if cfg.get("eval_seeds_per_job") else seeds),
+            "evaluate": len(evals) * (1 if cfg.get("eval_seeds_per_job") else seeds),
             "collect": 1, "stats": 1,
             "make_table": len(specs["tables"]), "make_figure": len(specs["figures"]), "make_macros": 1,
             "paper_pdf": int(shutil.which("latexmk") is not None), "all": 1}
@@ -138,6 +142,7 @@ def tiny_project(tmp_path_factory, tiny_tokenizer, data_dir):
                 "fusion": ["4\t1.0\tmean", "4\t1.0\tmax", "4\t1.0\tattention"]}[fam]
         (work / f"{fam}.tsv").write_text("rank\tscale\tfusion\n" + "\n".join(rows) + "\n")
     cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    cfg["families"] = {k: {**v, "tasks": ["gsm8k"]} for k, v in cfg["families"].items()}
     cfg.update(run_name="tiny", run_config=[str(layer)], seeds=[0, 1], tasks=["gsm8k"],
                overrides=TINY_OVERRIDES, n_boot=200, paper_specs=str(ROOT / "config" / "paper.yaml"),
                eval={**cfg["eval"], "n": 3, "max_new_tokens": 4, "batch_size": 3, "message_tokens": 3},
@@ -192,3 +197,10 @@ def test_editing_one_sweep_row_reruns_only_that_cell(tiny_project):
     assert counts["evaluate"] == 1, counts  # both seeds in one job (config.yaml: eval_seeds_per_job)
     assert "cache_conditions" not in counts and "train_static_lora" not in counts
     assert counts["collect"] == counts["stats"] == 1  # and the aggregates
+
+
+def test_family_tasks_outside_the_run_fail_naming_the_family(tmp_path):
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    cfg["tasks"] = ["gsm8k"]
+    res = _snakemake("-n", "--directory", str(ROOT), "--configfile", str(_write(tmp_path, yaml.safe_dump(cfg))))
+    assert res.returncode != 0 and re.search(r"families\.\w+\.tasks: \[.math500.\] not in the run.s tasks", res.stdout + res.stderr), res.stdout + res.stderr

@@ -15,7 +15,8 @@ Writes into `eval.out_dir`:
 Several runs in one process (the workflow runs every seed of a (task, method, cell) this way on
 small machines, where Python start-up is a third of a job): `--each "eval.seed=1 eval.out_dir=..."`,
 repeatable; each run is the shared layers and overrides plus its own, built from scratch (models
-loaded anew, seeds reset), and writes its own folder exactly as it would alone.
+the frozen backbones loaded once and reused, except for static_lora; seeds reset), and writes its own
+folder exactly as it would alone.
 
 Resume: rerunning the same command skips problems already recorded (a torn last line from an
 interruption is dropped first), so no problem is redone or duplicated. Another config in the same
@@ -27,6 +28,7 @@ out_dir is an error naming the fix.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
@@ -44,6 +46,7 @@ from tqdm.auto import tqdm
 from tflow.config import config_hash, load_config, to_yaml
 from tflow.errors import ConfigError, cli
 from tflow.methods import build_method
+from tflow.pipeline import shared_backbones
 from tflow.tasks import get_task, subset
 from tflow.utils import discard_stale, provenance, seed_everything, write_json_atomic, write_text_atomic
 
@@ -187,11 +190,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     outs = [c.eval.out_dir for c in cfgs]
     if len(set(outs)) != len(outs):
         raise ConfigError(f"--each runs share an eval.out_dir ({outs}); give each run its own folder")
-    for cfg, ov in zip(cfgs, runs):
-        m = evaluate(cfg, args.config, ov, args.restart_on_change)
-        print(report(m, cfg.eval.out_dir), flush=True)
-        del m
-        gc.collect()
+    # the runs share the frozen backbones (loaded once), except static_lora, whose adapter wraps the model in place
+    share = len(cfgs) > 1 and all(c.eval.method != "static_lora" for c in cfgs)
+    with shared_backbones() if share else contextlib.nullcontext():
+        for cfg, ov in zip(cfgs, runs):
+            m = evaluate(cfg, args.config, ov, args.restart_on_change)
+            print(report(m, cfg.eval.out_dir), flush=True)
+            del m
+            gc.collect()
 
 if __name__ == "__main__":
     main()

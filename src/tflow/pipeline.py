@@ -2,9 +2,11 @@
 plus generator checkpoints that refuse to load against the wrong receiver or architecture."""
 from __future__ import annotations
 
+import contextlib
+import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -146,14 +148,46 @@ def load_generator(path: str | Path, cfg: DictConfig, receiver: Backbone, sender
     return tflow.to(receiver.device).eval()
 
 
+_SHARED: dict[str, tuple[Backbone, Backbone, int]] | None = None  # inside shared_backbones(): key -> loaded pair
+
+
+def _footprint(model: nn.Module) -> int:
+    """Modules plus hooks on Linears: an injected adapter or a transient LoRA left attached changes it
+    (transformers itself adds output-capturing hooks to decoder layers on first use, never to Linears)."""
+    return sum(1 + (len(m._forward_hooks) + len(m._forward_pre_hooks) if isinstance(m, nn.Linear) else 0)
+               for m in model.modules())
+
+
+@contextlib.contextmanager
+def shared_backbones() -> Iterator[None]:
+    """Inside, `load_backbones` hands out the same frozen backbones for the same `model` config (runs one
+    after another in one process: `evaluate --each`). Reuse checks that the previous run left the model as
+    loaded (no hook, no injected module) and fails loudly otherwise; a method that wraps the model in
+    place (static_lora's peft adapter) must not run inside."""
+    global _SHARED
+    _SHARED = {}
+    try:
+        yield
+    finally:
+        _SHARED = None
+
+
 def load_backbones(cfg: DictConfig) -> tuple[Backbone, Backbone]:
     """(receiver, sender); the sender is the receiver's instance unless `model.sender` is set."""
     from tflow.models import load_backbone
 
     if cfg.model.threads:
         torch.set_num_threads(cfg.model.threads)
+    key = json.dumps(OmegaConf.to_container(cfg.model, resolve=True), sort_keys=True)
+    if _SHARED is not None and key in _SHARED:
+        receiver, sender, footprint = _SHARED[key]
+        if _footprint(receiver.model) + _footprint(sender.model) != footprint:
+            raise RuntimeError("a previous run left hooks or modules on the shared backbones; run it alone")
+        return receiver, sender
     receiver = load_backbone(cfg.model.receiver, cfg.model.cache_dir)
     sender = receiver if cfg.model.sender is None else load_backbone(cfg.model.sender, cfg.model.cache_dir)
+    if _SHARED is not None:
+        _SHARED[key] = (receiver, sender, _footprint(receiver.model) + _footprint(sender.model))
     return receiver, sender
 
 

@@ -86,13 +86,18 @@ def eval_path(task, method, cell, seed):
     return f"{R}/eval/{task}/{method}/{cell}/seed~{seed}/metrics.json"
 
 
+def family_tasks(fam):
+    """A method family's tasks: its own `tasks`, else every task of the run."""
+    return config["families"][fam].get("tasks", config["tasks"])
+
+
 def eval_jobs():
     """(family, task, method, cell, seed, path) for every evaluation the tables and figures use."""
     jobs = []
     for fam, spec in config["families"].items():
         for method in spec["methods"]:
             cell = "none" if method in CELL_FREE else MAIN
-            jobs += [(fam, t, method, cell, s, eval_path(t, method, cell, s)) for t in config["tasks"]
+            jobs += [(fam, t, method, cell, s, eval_path(t, method, cell, s)) for t in family_tasks(fam)
                      for s in config["seeds"]]
     for fam, ps in SWEEPS.items():
         jobs += [(fam, t, "tflow", c, s, eval_path(t, "tflow", c, s)) for c in ps.instance_patterns
@@ -239,7 +244,14 @@ def paper_targets():
 
 
 def check_run_configs():
-    """Load every distinct run config the DAG will use: a typo or wrong type fails here, naming the key."""
+    """Load every distinct run config the DAG will use: a typo or wrong type fails here, naming the key.
+    Families and ablations may only use the run's tasks."""
+    for kind in ("families", "ablations"):
+        for fam, spec in config.get(kind, {}).items():
+            extra = sorted(set(spec.get("tasks", [])) - set(config["tasks"]))
+            if extra:
+                raise ValueError(f"config {kind}.{fam}.tasks: {extra} not in the run's tasks {config['tasks']}; "
+                                 "add them to `tasks` or remove them from the family")
     for cell in CELLS:
         load_config(config["run_config"], common_overrides() + cell_overrides(cell) + ["train.seed=0"])
     message = config["eval"].get("message_tokens")
