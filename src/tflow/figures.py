@@ -57,6 +57,13 @@ def _panels(spec, stats, specs, has_data):
     return fig, list(zip(axes.flat, tasks))
 
 
+def _accuracy_axis(ax) -> None:
+    """Label an accuracy axis; keep a span of at least 0-10% (all-zero panels otherwise get +-0.04)."""
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(max(min(lo, -2.0), -5.0), min(max(hi, 10.0), 105.0))
+    ax.set_ylabel("Accuracy (%)")
+
+
 def _rows(stats, spec, method, task):
     d = stats[(stats.family == spec["family"]) & (stats.method == method) & (stats.task == task)]
     return d[d.cell.astype(str).isin([str(c) for c in spec["cells"]])] if spec.get("cells") else d
@@ -91,7 +98,7 @@ def frontier(stats, per_seed, spec, specs):
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("Processed tokens per problem (log scale)")
-        ax.set_ylabel("Accuracy (%)")
+        _accuracy_axis(ax)
     fig.legend([handles[m] for m in methods if m in handles],
                [label(specs, "method", m, tex=False) for m in methods if m in handles],
                loc="outside lower center", ncol=min(len(handles), 4), frameon=False)
@@ -130,7 +137,7 @@ def ablation(stats, per_seed, spec, specs):
             ax.set_xscale("log", base=2 if spec["xscale"] == "log2" else 10)
             ax.set_xticks(list(pos.values()), list(pos))
         ax.set_xlabel(label(specs, "param", param, tex=False))
-        ax.set_ylabel("Accuracy (%)")
+        _accuracy_axis(ax)
         ax.legend(fontsize="small")
     return fig
 
