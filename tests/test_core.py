@@ -5,7 +5,7 @@ import torch
 from tflow.agents import ConditionCache, Conditions, question_span, receiver_batch, sender_states
 from tflow.config import load_config
 from tflow.fusion import FUSIONS, fuse
-from tflow.lora import TransientLoRA, active_hook_count
+from tflow.lora import TransientLoRA, active_transient_count
 from tflow.models import target_linears
 from tflow.pipeline import build_tflow, delta_for, delta_sq_norms
 from tflow_kernels import lora_delta_max, lora_delta_sum
@@ -49,28 +49,36 @@ def test_untrained_generator_is_exactly_the_identity(tiny_backbone, fusion):
     assert torch.equal(base, adapted)
 
 
-def test_trained_delta_changes_logits_and_hooks_are_removed(tiny_backbone, tiny_cfg):
+def test_trained_delta_changes_logits_and_wrappers_are_removed(tiny_backbone, tiny_cfg):
     tflow = build_tflow(tiny_cfg, tiny_backbone, tiny_backbone)
     _randomise_b_heads(tflow)
     batch = receiver_batch(tiny_backbone.tokenizer, "solver", QUESTIONS)
     delta, _ = delta_for(tflow, tiny_backbone, _conds(tiny_backbone, tiny_cfg), batch)
     linears = target_linears(tiny_backbone.model, list(tiny_cfg.lora.targets))
-    other = tiny_backbone.model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda *a: None)
+    q_proj = tiny_backbone.model.model.layers[0].self_attn.q_proj
+    calls = []
+    other = q_proj.register_forward_hook(lambda m, a, out: calls.append(out.clone()))  # a foreign hook
+    foreign = linears[sorted(linears)[-1]]
+    foreign.forward = foreign.forward  # a foreign instance-level forward (as accelerate sets)
+    foreign_fwd = foreign.__dict__["forward"]
     with torch.no_grad():
         base = tiny_backbone.model(**batch).logits
         with TransientLoRA(linears, delta) as t:
-            assert active_hook_count(linears) == len(linears) + 1
+            assert active_transient_count(linears) == len(linears) == len(t.patched)
             adapted = tiny_backbone.model(**batch).logits
-            assert len(t.handles) == len(linears)
-        assert active_hook_count(linears) == 1  # only the foreign hook is left
+        assert active_transient_count(linears) == 0
+        assert "forward" not in q_proj.__dict__ and foreign.__dict__["forward"] is foreign_fwd  # restored as found
+        assert len(q_proj._forward_hooks) == 1  # the foreign hook is left, and it saw the adapted output
         after = tiny_backbone.model(**batch).logits
     assert (adapted - base).abs().max() > 1e-3
+    assert not torch.equal(calls[0], calls[1]) and torch.equal(calls[0], calls[2])
     assert torch.equal(base, after)  # nothing was merged into the weights
     other.remove()
+    del foreign.forward
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu_fused"])
-def test_hooks_removed_after_exception(tiny_backbone, tiny_cfg, backend):
+def test_wrappers_removed_after_exception(tiny_backbone, tiny_cfg, backend):
     tflow = build_tflow(tiny_cfg, tiny_backbone, tiny_backbone)
     batch = receiver_batch(tiny_backbone.tokenizer, "solver", QUESTIONS)
     delta, _ = delta_for(tflow, tiny_backbone, _conds(tiny_backbone, tiny_cfg), batch)
@@ -78,7 +86,7 @@ def test_hooks_removed_after_exception(tiny_backbone, tiny_cfg, backend):
     with pytest.raises(RuntimeError, match="batch"):
         with torch.no_grad(), TransientLoRA(linears, delta, backend=backend):
             tiny_backbone.model(input_ids=batch["input_ids"][:1])  # wrong batch size -> error in a hook
-    assert active_hook_count(linears) == 0
+    assert active_transient_count(linears) == 0 and not any("forward" in m.__dict__ for m in linears.values())
 
 
 def test_per_row_deltas_equal_a_per_example_loop(tiny_backbone, tiny_cfg):

@@ -2,7 +2,7 @@
 //   out[b, t, :] += (x[b, t, :] @ a[b]^T) @ bt[b]       a: [B, R, d_in] fp32, bt: [B, R, d_out] fp32
 // One op per Linear call instead of four eager ops (cast, shrink, expand, add); the rank-R
 // intermediate and the accumulation are fp32, the result is rounded once into out's dtype.
-// Rows are processed serially for decode-sized work and in parallel (ATen's pool) for prefill.
+// Rows are split evenly over ATen's thread pool unless the update is tiny.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -79,7 +79,10 @@ torch::Tensor lora_add_(torch::Tensor out, torch::Tensor x, torch::Tensor a, tor
   TORCH_CHECK(out.stride(2) == 1, "out's last dim must be contiguous");
   const int64_t B = x.size(0), T = x.size(1), I = x.size(2), R = a.size(1), O = out.size(2);
   TORCH_CHECK(a.size(0) == B && a.size(2) == I && bt.size(0) == B && bt.size(1) == R && bt.size(2) == O, "shape mismatch");
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(1, I * R + R * O));
+  // Rows split evenly over ATen's threads once the update is worth a fork (~32k multiply-adds):
+  // decode (B rows of one token) then uses every core like the base Linear does, instead of one.
+  const int64_t rows = B * T, threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t grain = (rows * (I * R + R * O) < (int64_t(1) << 15)) ? rows : std::max<int64_t>(1, (rows + threads - 1) / threads);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tflow_lora_add_", [&] {
     rows_kernel<scalar_t>(x.data_ptr<scalar_t>(), a.data_ptr<float>(), bt.data_ptr<float>(), out.data_ptr<scalar_t>(),
                           B, T, I, R, O, x.stride(0), x.stride(1), out.stride(0), out.stride(1), grain);

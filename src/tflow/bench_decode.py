@@ -4,7 +4,8 @@
 
 Variants run interleaved in one process (this machine's timings drift by +-10% between runs),
 each `--repeats` times; the minimum per variant is reported, for the whole generate call and
-for the decode phase alone (after the first generated token). Writes a CSV with --out.
+for the decode phase alone (after the first generated token), and the median over repeats of the
+decode time paired with that repeat's no-LoRA run. Writes a CSV with --out.
 
 By default the receiver is the run config's backbone (the offline SmolLM2 asset) prompted with
 GSM8K questions. `--arch smollm2-135m|qwen3-4b` instead builds that architecture from its config
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import statistics
 import time
 from typing import Sequence
 
@@ -144,22 +146,36 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"repeat {rep} {name:>15}: total {total:.3f} s, decode {decode:.3f} s")
     best = {v: {k: min(r[k] for r in rows if r["variant"] == v) for k in ("total_s", "decode_s")} for v in variants}
     base = best["no_lora"]
+    # Paired estimate, robust to this machine's drift: each repeat's decode time over the no-LoRA run of
+    # the same repeat (they ran back to back), then the median over repeats.
+    paired = {v: statistics.median(r["decode_s"] / b["decode_s"] - 1 for r, b in zip(
+        [r for r in rows if r["variant"] == v], [r for r in rows if r["variant"] == "no_lora"])) for v in variants}
     decode_tokens = args.batch * (args.new_tokens - 1)
+    # Bytes one decode step must read: every weight once, plus every row's fp32 factors. Their ratio is
+    # the overhead a purely bandwidth-bound decode would show (a floor no LoRA-apply path can beat).
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    factor_bytes = sum(args.batch * args.senders * args.rank * (m.in_features + m.out_features) * 4
+                       for m in linears.values())
     summary = {"batch": args.batch, "new_tokens": args.new_tokens, "rank": args.rank, "senders": args.senders,
                "targets": list(cfg.lora.targets), "modules": len(linears),
                "receiver": ident, "weights": "random" if args.arch else "trained", "device": str(device),
                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                "prompt_tokens": int(batch["input_ids"].shape[1]),
                "dtype": cfg.model.receiver.dtype, "threads": torch.get_num_threads(),
+               "weight_bytes": weight_bytes, "factor_bytes_per_step": factor_bytes,
+               "bandwidth_floor_overhead": factor_bytes / weight_bytes,
                "variants": {v: {**b, "decode_tokens_per_s": decode_tokens / b["decode_s"],
                                 "decode_overhead": b["decode_s"] / base["decode_s"] - 1,
+                                "decode_overhead_paired_median": paired[v],
                                 "total_overhead": b["total_s"] / base["total_s"] - 1} for v, b in best.items()},
                "config": OmegaConf.to_container(cfg, resolve=True), "provenance": provenance()}
     print(f"\nminimum over {args.repeats} interleaved repeats; batch {args.batch}, {args.new_tokens} new tokens, "
           f"{args.senders} senders x rank {args.rank}, {len(linears)} modules, {cfg.model.receiver.dtype}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads; fp32 factor bytes / weight bytes per decode step "
+          f"{100 * factor_bytes / weight_bytes:.1f}% (the overhead of a purely bandwidth-bound decode)")
     for v, s in summary["variants"].items():
         print(f"  {v:>15}: decode {s['decode_tokens_per_s']:7.1f} tok/s  decode overhead {100 * s['decode_overhead']:+6.2f}%"
+              f" (paired median {100 * s['decode_overhead_paired_median']:+6.2f}%)"
               f"  whole-generate overhead {100 * s['total_overhead']:+6.2f}%")
     if args.out:
         with open(args.out, "w", newline="") as f:

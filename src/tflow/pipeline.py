@@ -152,10 +152,11 @@ _SHARED: dict[str, tuple[Backbone, Backbone, int]] | None = None  # inside share
 
 
 def _footprint(model: nn.Module) -> int:
-    """Modules plus hooks on Linears: an injected adapter or a transient LoRA left attached changes it
-    (transformers itself adds output-capturing hooks to decoder layers on first use, never to Linears)."""
-    return sum(1 + (len(m._forward_hooks) + len(m._forward_pre_hooks) if isinstance(m, nn.Linear) else 0)
-               for m in model.modules())
+    """Modules plus hooks and instance-level forwards on Linears: an injected adapter or a transient LoRA
+    left attached changes it (transformers itself adds output-capturing hooks to decoder layers on first
+    use, never to Linears)."""
+    return sum(1 + (len(m._forward_hooks) + len(m._forward_pre_hooks) + ("forward" in m.__dict__)
+                    if isinstance(m, nn.Linear) else 0) for m in model.modules())
 
 
 @contextlib.contextmanager
@@ -182,7 +183,7 @@ def load_backbones(cfg: DictConfig) -> tuple[Backbone, Backbone]:
     if _SHARED is not None and key in _SHARED:
         receiver, sender, footprint = _SHARED[key]
         if _footprint(receiver.model) + _footprint(sender.model) != footprint:
-            raise RuntimeError("a previous run left hooks or modules on the shared backbones; run it alone")
+            raise RuntimeError("a previous run left hooks, wrapped forwards or modules on the shared backbones; run it alone")
         return receiver, sender
     receiver = load_backbone(cfg.model.receiver, cfg.model.cache_dir)
     sender = receiver if cfg.model.sender is None else load_backbone(cfg.model.sender, cfg.model.cache_dir)
