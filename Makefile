@@ -31,8 +31,8 @@ dry-run: setup
 	$(PY) -m snakemake -n
 
 bench-decode: setup  ## receiver decode throughput with transient LoRA vs none (writes results/reference/)
-	$(PY) -m tflow.bench_decode --repeats 21 --new-tokens 32 --out results/reference/bench_decode_cpu.csv
-	$(PY) -m tflow.bench_decode --repeats 21 --new-tokens 32 --batch 1 --out results/reference/bench_decode_cpu_batch1.csv
+	$(PY) -m tflow.bench_decode --out results/reference/bench_decode_cpu.csv
+	$(PY) -m tflow.bench_decode --batch 1 --out results/reference/bench_decode_cpu_batch1.csv
 
 clean:  ## remove the default run's outputs (results/<run>, logs, benchmarks, generated paper files)
 	rm -rf results/$(RUN) logs/$(RUN) benchmarks/$(RUN) paper/tables paper/figures/*.p?? paper/generated paper/main.pdf .snakemake

@@ -1,8 +1,8 @@
 """Receiver decode throughput with a transient LoRA versus no LoRA, measured side by side.
 
-    python -m tflow.bench_decode [--batch 8 --new-tokens 64 --repeats 5 --rank 4 --senders 2]
+    python -m tflow.bench_decode [--batch 8 --new-tokens 32 --repeats 21 --rank 4 --senders 2]
 
-Variants run interleaved in one process (this machine's timings drift by +-10% between runs),
+Variants run interleaved in one process (this machine's timings drift by 10-30% between runs),
 each `--repeats` times; the minimum per variant is reported, for the whole generate call and
 for the decode phase alone (after the first generated token), and the median over repeats of the
 decode time paired with that repeat's no-LoRA run. Writes a CSV with --out.
@@ -83,8 +83,8 @@ def random_delta(linears: dict[str, torch.nn.Linear], batch: int, senders: int, 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=21)
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--senders", type=int, default=2)
     ap.add_argument("--backends", default="torch,cpu_fused", help="comma-separated LoRA-apply backends to compare")

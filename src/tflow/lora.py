@@ -3,8 +3,8 @@
 On entry the context manager wraps each targeted Linear's `forward` (an instance attribute over the
 class method, or over whatever instance-level forward was there, e.g. accelerate's); on exit (also
 on an exception) it restores exactly what it found, in reverse order. A wrapper rather than a
-forward hook: a hook sends every call through nn.Module's slow dispatch path, measured at ~5 us per
-call here, which at decode (210 Linears per token) was most of the LoRA overhead. Weights are never
+forward hook: a hook sends every call through nn.Module's slower hook-dispatch path, 210 times per
+decode step on SmolLM2. Weights are never
 merged (low-precision merge/unmerge is not exact). Every call of a wrapped Linear, in prefill and
 in each decode step, gets `out + delta(x)` with row b of the batch using row b's delta.
 """
@@ -65,19 +65,20 @@ class TransientLoRA:
         self.patched.clear()
 
     def _wrap(self, name: str, forward: Callable, factors: Any) -> Callable:
-        batch, mode, apply = self.delta.batch, self.delta.mode, self.backend.apply
-        bound = getattr(self.backend, "bind", lambda *_: None)(factors, mode)
-        if bound is not None:  # the backend checks batch and autograd itself, in one call
-            def fused(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-                return bound(forward(x, *args, **kwargs), x)
-            setattr(fused, _MARK, True)
-            return fused
+        """`forward` followed by `out + delta(x)`: the backend's bound op where it has one (it checks batch
+        and autograd itself, in one call), else the backend's `apply` behind a batch check."""
+        add = getattr(self.backend, "bind", lambda *_: None)(factors, self.delta.mode)
+        if add is None:
+            batch, mode, apply = self.delta.batch, self.delta.mode, self.backend.apply
+
+            def add(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+                if x.shape[0] != batch:
+                    raise RuntimeError(f"{name}: input batch {x.shape[0]} != {batch} rows of generated deltas "
+                                       "(beam search / num_return_sequences>1 are not supported)")
+                return apply(out, x, factors, mode)
 
         def wrapped(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            if x.shape[0] != batch:
-                raise RuntimeError(f"{name}: input batch {x.shape[0]} != {batch} rows of generated deltas "
-                                   "(beam search / num_return_sequences>1 are not supported)")
-            return apply(forward(x, *args, **kwargs), x, factors, mode)
+            return add(forward(x, *args, **kwargs), x)
 
         setattr(wrapped, _MARK, True)
         return wrapped

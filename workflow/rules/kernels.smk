@@ -32,7 +32,7 @@ rule bench_decode:
     conda:
         "../../environment.yml"
     shell:
-        "python -m tflow.bench_decode --repeats 21 --new-tokens 32 --out {output.csv} > {log} 2>&1"
+        "python -m tflow.bench_decode --out {output.csv} > {log} 2>&1"
 
 
 rule plot_kernel_bench:
