@@ -10,9 +10,11 @@ Shapes: every distinct projection of SmolLM2-135M and Qwen3-4B, at decode (B=8, 
   peft_lora   peft's LoRA Linear with ONE adapter for the whole batch (a reference point: not per-row)
   cpu_fused   the fused C++ op (CPU only)
   triton      the Triton kernel (CUDA only)
+  cpu_fused_bf16 / triton_bf16   the same with bf16 factor storage (lora.factor_dtype=bfloat16)
 Reported: microseconds per token (per row at decode), overhead vs no_lora, and the ratio to the
-memory-bandwidth floor of the LoRA update alone (bytes of x, factors and out read/written, at the
-device's measured copy bandwidth). A GPU peak bandwidth can be given with --peak-gbps.
+memory-bandwidth floor of the LoRA update alone (bytes of x, factors (fp32, or bf16 for *_bf16)
+and out read/written, at the device's measured copy bandwidth). A GPU peak bandwidth can be given
+with --peak-gbps.
 """
 from __future__ import annotations
 
@@ -77,13 +79,14 @@ def variants(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     if device == "cpu":
         from tflow_kernels.cpu_fused import CpuFusedBackend
 
-        h = CpuFusedBackend.prepare(a, b, "sum")
-        out["cpu_fused"] = lambda: CpuFusedBackend.apply(F.linear(x, w), x, h, "sum")
+        fused, name = CpuFusedBackend, "cpu_fused"
     else:
         from tflow_kernels.triton_backend import TritonBackend
 
-        h = TritonBackend.prepare(a, b, "sum")
-        out["triton"] = lambda: TritonBackend.apply(F.linear(x, w), x, h, "sum")
+        fused, name = TritonBackend, "triton"
+    for suffix, dtype in (("", torch.float32), ("_bf16", torch.bfloat16)):
+        h = fused.prepare(a, b, "sum", dtype)
+        out[name + suffix] = lambda h=h: fused.apply(F.linear(x, w), x, h, "sum")
     return out
 
 
@@ -120,15 +123,19 @@ def main(argv: Sequence[str] | None = None) -> None:
                     for k, fn in fns.items():
                         best[k] = min(best[k], _time(fn, sync))
                 # bytes the LoRA update itself must move: x read, factors read, out read + written
-                lora_bytes = x.numel() * x.element_size() + (a.numel() + b.numel()) * 4 + 2 * B * T * d_out * x.element_size()
+                def lora_bytes(variant: str) -> int:
+                    factor_size = 2 if variant.endswith("_bf16") else 4
+                    return (x.numel() * x.element_size() + (a.numel() + b.numel()) * factor_size
+                            + 2 * B * T * d_out * x.element_size())
+
                 for k, t in best.items():
                     extra = t - best["no_lora"]
                     rows.append({"device": device, "model": model, "proj": proj, "phase": phase, "batch": B, "tokens": T,
                                  "d_in": d_in, "d_out": d_out, "rank_total": R, "dtype": args.dtype, "variant": k,
                                  "us_per_call": t * 1e6, "us_per_token": t * 1e6 / (B * T),
                                  "overhead_vs_no_lora": t / best["no_lora"] - 1,
-                                 "lora_us_over_floor": (extra / (lora_bytes / bw)) if k != "no_lora" else float("nan"),
-                                 "lora_us_over_peak_floor": (extra / (lora_bytes / (args.peak_gbps * 1e9)))
+                                 "lora_us_over_floor": (extra / (lora_bytes(k) / bw)) if k != "no_lora" else float("nan"),
+                                 "lora_us_over_peak_floor": (extra / (lora_bytes(k) / (args.peak_gbps * 1e9)))
                                  if args.peak_gbps and k != "no_lora" else float("nan"),
                                  "copy_gbps": bw / 1e9})
                 line = "  ".join(f"{k} {v * 1e6:8.1f}us" for k, v in best.items())

@@ -6,7 +6,9 @@ Shapes (B batch rows, T tokens per row, S senders, r rank per sender, R = S*r):
   max fusion: element-wise max over the senders' deltas,
       delta[b] = max_s x[b] @ at[b, s] @ bt[b, s]     at: [B, S, d_in, r], bt: [B, S, r, d_out]
 Fusion weights and the LoRA scale are already folded into `bt`. The rank-r intermediate is
-computed in the factors' dtype (fp32 by default), then added to the output in its own dtype.
+computed in the factors' dtype, then added to the output in its own dtype. `prepare` rounds the
+factors to their storage dtype (fp32 by default, or bf16) and keeps them in at least fp32, so the
+intermediate is fp32 whatever the storage: exactly what the fused backends compute.
 """
 from __future__ import annotations
 
@@ -33,9 +35,11 @@ class TorchBackend:
     def prepare(a: torch.Tensor, b: torch.Tensor, mode: str, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """Pre-transpose factors once per query batch.
         sum: a [B, R, d_in], b [B, d_out, R] -> at [B, d_in, R], bt [B, R, d_out]
-        max: a [B, S, r, d_in], b [B, S, d_out, r] -> at [B, S, d_in, r], bt [B, S, r, d_out]"""
-        at = a.transpose(-1, -2).to(dtype)
-        bt = b.transpose(-1, -2).to(dtype)
+        max: a [B, S, r, d_in], b [B, S, d_out, r] -> at [B, S, d_in, r], bt [B, S, r, d_out]
+        Rounded to the storage `dtype`, held in at least fp32 (bf16 storage: bf16 values in fp32)."""
+        compute = torch.promote_types(dtype, torch.float32)
+        at = a.transpose(-1, -2).to(dtype).to(compute)
+        bt = b.transpose(-1, -2).to(dtype).to(compute)
         if not torch.is_grad_enabled():
             at, bt = at.contiguous(), bt.contiguous()
         return at, bt

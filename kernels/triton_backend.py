@@ -23,8 +23,10 @@ class TritonBackend:
                                "for testing); on CPU use backend=cpu_fused or backend=torch")
         from tflow_kernels import triton_lora  # noqa: F401  (compiles lazily; honours TRITON_INTERPRET)
 
-        a = a.float().contiguous()  # [B, (S,) R, d_in]: loads run along d_in (the kernel takes fp32 factors)
-        b = b.float().transpose(-1, -2).contiguous().transpose(-1, -2)  # [B, (S,) d_out, R] view of [.., R, d_out]
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise TypeError(f"backend 'triton' stores factors as float32 or bfloat16, not {dtype}")
+        a = a.to(dtype).contiguous()  # [B, (S,) R, d_in]: loads run along d_in
+        b = b.to(dtype).transpose(-1, -2).contiguous().transpose(-1, -2)  # [B, (S,) d_out, R] view of [.., R, d_out]
         return ("kernel", (a, b))
 
     @staticmethod
@@ -33,7 +35,7 @@ class TritonBackend:
         if kind == "reference" or torch.is_grad_enabled():
             if kind != "reference":
                 a, b = factors
-                factors = (a.transpose(-1, -2), b.transpose(-1, -2))
+                factors = TorchBackend.prepare(a, b, mode, a.dtype)
             return TorchBackend.apply(out, x, factors, mode)
         from tflow_kernels.triton_lora import lora_apply_
 

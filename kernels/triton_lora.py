@@ -9,8 +9,9 @@ One launch per module. A program owns (row b, a block of tokens, a block of outp
 it accumulates the rank-R intermediate over d_in in fp32, multiplies by its block of B in fp32
 (IEEE precision, no TF32) and adds into `out` in place, rounding once to out's dtype. The rank is
 padded to >= 16 inside the kernel (the GPU compiler's minimum dot size); padded lanes are
-masked loads of zero. x and out may be fp32, fp16 or bf16 and strided; the factors are fp32 (their
-bytes are ~0.4% of the weights' at rank 4, and it keeps both dots in IEEE fp32).
+masked loads of zero. x and out may be fp32, fp16 or bf16 and strided; the factors are stored as
+fp32 or bf16 (half the bytes; per row at rank 4 they are ~0.4% / 0.2% of the weights' bytes) and
+converted to fp32 on load, so both dots are IEEE fp32 either way.
 
 Under TRITON_INTERPRET=1 (set before this module is imported) the kernels run on CPU tensors,
 which is how the test suite checks them without a GPU (fp32 and fp16 only: the interpreter's
@@ -38,7 +39,7 @@ def _lora_sum_kernel(x_ptr, a_ptr, b_ptr, out_ptr, T, K, N, R,
                     mask=(offs_t[:, None] < T) & (offs_k[None, :] < K), other=0.0)  # [BLOCK_T, BLOCK_K]
         a = tl.load(a_ptr + pid_b * sa_b + offs_r[None, :] * sa_r + offs_k[:, None] * sa_k,
                     mask=(offs_r[None, :] < R) & (offs_k[:, None] < K), other=0.0)  # [BLOCK_K, R_PAD] = A^T tile
-        xa += tl.dot(x.to(a.dtype), a, input_precision="ieee")
+        xa += tl.dot(x.to(tl.float32), a.to(tl.float32), input_precision="ieee")
     bt = tl.load(b_ptr + pid_b * sb_b + offs_r[:, None] * sb_r + offs_n[None, :] * sb_n,
                  mask=(offs_r[:, None] < R) & (offs_n[None, :] < N), other=0.0)  # [R_PAD, BLOCK_N] = B^T tile
     delta = tl.dot(xa, bt.to(tl.float32), input_precision="ieee")  # [BLOCK_T, BLOCK_N]
@@ -66,7 +67,7 @@ def _lora_max_kernel(x_ptr, a_ptr, b_ptr, out_ptr, T, K, N, R,
                         mask=(offs_t[:, None] < T) & (offs_k[None, :] < K), other=0.0)
             a = tl.load(a_ptr + pid_b * sa_b + s * sa_s + offs_r[None, :] * sa_r + offs_k[:, None] * sa_k,
                         mask=(offs_r[None, :] < R) & (offs_k[:, None] < K), other=0.0)
-            xa += tl.dot(x.to(a.dtype), a, input_precision="ieee")
+            xa += tl.dot(x.to(tl.float32), a.to(tl.float32), input_precision="ieee")
         bt = tl.load(b_ptr + pid_b * sb_b + s * sb_s + offs_r[:, None] * sb_r + offs_n[None, :] * sb_n,
                      mask=(offs_r[:, None] < R) & (offs_n[None, :] < N), other=0.0)
         best = tl.maximum(best, tl.dot(xa, bt.to(tl.float32), input_precision="ieee"))
@@ -89,8 +90,8 @@ def lora_apply_(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Te
     module docstring. Returns out."""
     B, T, K = x.shape
     N = out.shape[-1]
-    if a.dtype != torch.float32 or b.dtype != torch.float32:
-        raise TypeError(f"factors must be float32, got {a.dtype} / {b.dtype}")
+    if a.dtype != b.dtype or a.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"factors must both be float32 or both bfloat16, got {a.dtype} / {b.dtype}")
     if out.shape[:2] != (B, T):
         raise ValueError(f"out {tuple(out.shape)} does not match x {tuple(x.shape)}")
     bt, bk, bn = _blocks(T, K, N)

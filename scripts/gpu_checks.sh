@@ -5,8 +5,9 @@
 # 1. the kernel tests natively on the GPU (test_triton.py: fp32/fp16 matrix + bf16 Qwen3-4B shapes;
 #    test_kernels.py: every backend inside TransientLoRA vs the reference),
 # 2. the kernel microbenchmark (SmolLM2-135M and Qwen3-4B projection shapes, decode and prefill),
-# 3. end-to-end receiver decode with transient LoRA vs none, random-weight SmolLM2-135M and
-#    Qwen3-4B architectures (2 senders x rank 4, all 7 linears, batch 8).
+# 3. end-to-end receiver decode with transient LoRA vs none (triton with fp32 and bf16 factor
+#    storage), random-weight SmolLM2-135M and Qwen3-4B architectures (2 senders x rank 4, all 7
+#    linears, batch 8).
 # Writes logs, CSVs and JSON summaries into OUTDIR. Packages missing there (omegaconf) may be
 # given as wheels in .whl/ (installed into /tmp/site, never into the system).
 set -uo pipefail
@@ -28,7 +29,7 @@ python3 -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_kernels
 python3 -m tflow_kernels.bench --repeats 5 --peak-gbps "${PEAK_GBPS:-3350}" --out "$out/bench_kernels_cuda.csv" \
   2>&1 | tee "$out/bench_kernels_cuda.log" || status=1
 for arch in ${ARCHS:-smollm2-135m qwen3-4b}; do
-  python3 -m tflow.bench_decode --arch "$arch" --backends torch,triton --repeats "${REPEATS:-5}" \
+  python3 -m tflow.bench_decode --arch "$arch" --backends torch,triton --bf16-factors triton --repeats "${REPEATS:-5}" \
     --new-tokens "${NEW_TOKENS:-64}" --out "$out/bench_decode_cuda_$arch.csv" model.receiver.device=cuda \
     2>&1 | tee "$out/bench_decode_cuda_$arch.log" || status=1
 done

@@ -22,6 +22,7 @@ def test_defaults_validate():
     ("lora.targets=[q_proj,qq_proj]", "lora.targets"),
     ("agents.senders=[strategist,oracle]", "agents.senders"),
     ("backend=cuda_magic", "backend"),
+    ("lora.factor_dtype=float16", "lora.factor_dtype"),  # storage the fused backends do not read
     ("generator.width=30", "generator.width"),  # not divisible by heads
 ])
 def test_bad_overrides_name_the_key(override, key):

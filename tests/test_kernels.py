@@ -35,6 +35,37 @@ def test_cpu_fused_matches_reference(dtype, shape):
     assert err < TOL[dtype], err
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(8, 1, 576, 8, 1536), (3, 17, 33, 5, 7)])
+def test_cpu_fused_bf16_factor_storage(dtype, shape):
+    """lora.factor_dtype=bfloat16: the op reads bf16 factors and accumulates in fp32, so it must match the
+    reference on the same rounded factors as tightly as with fp32 storage; the handle holds bf16."""
+    B, T, d_in, R, d_out = shape
+    x, out, a, b = _case(B, T, d_in, R, d_out, dtype)
+    fused = BACKENDS["cpu_fused"]
+    with torch.no_grad():
+        handle = fused.prepare(a, b, "sum", torch.bfloat16)
+        assert handle[0] == "fused" and all(f.dtype == torch.bfloat16 for f in handle[1])
+        got = fused.apply(out.clone(), x, handle, "sum")
+        want = TorchBackend.apply(out.clone(), x, TorchBackend.prepare(a, b, "sum", torch.bfloat16), "sum")
+    err = (got.float() - want.float()).abs().max() / want.float().abs().max()
+    assert err < TOL[dtype], err
+    # and the rounding is real: fp32 storage gives a different result at fp32 output
+    if dtype == torch.float32:
+        with torch.no_grad():
+            full = TorchBackend.apply(out.clone(), x, TorchBackend.prepare(a, b, "sum"), "sum")
+        assert (full - got).abs().max() > 0
+
+
+def test_cpu_fused_rejects_mismatched_factor_dtypes():
+    from tflow_kernels.cpu_fused import extension
+
+    x, out, a, b = _case(2, 1, 8, 4, 6, torch.float32)
+
+    with torch.no_grad(), pytest.raises(RuntimeError, match="float32 or both bfloat16"):
+        extension().lora_add_(out, x, a.contiguous(), b.transpose(1, 2).contiguous().bfloat16())
+
+
 def test_cpu_fused_strided_and_flat_inputs():
     x, out, a, b = _case(4, 6, 24, 8, 16, torch.float32)
     fused = BACKENDS["cpu_fused"]
@@ -89,3 +120,21 @@ def test_transient_lora_backends_agree_on_a_model(tiny_backbone, tiny_cfg):
             assert gen.shape[1] > batch["input_ids"].shape[1]
     for name in BACKENDS:  # cpu_fused, triton (interpreter without a GPU) and auto against the reference
         torch.testing.assert_close(logits[name], logits["torch"], rtol=1e-5, atol=1e-5)
+
+
+def test_stale_build_lock_is_removed_and_a_young_one_kept(tmp_path, caplog):
+    """A build killed midway leaves `lock`; torch's loader would wait on it forever."""
+    import os
+    import time
+
+    from tflow_kernels.cpu_fused import clear_stale_lock
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    clear_stale_lock(tmp_path, max_age_s=600)
+    assert lock.exists() and "waiting for another cpu_fused build" in caplog.text
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    clear_stale_lock(tmp_path, max_age_s=600)
+    assert not lock.exists() and "interrupted cpu_fused build" in caplog.text
+    clear_stale_lock(tmp_path)  # no lock: nothing to do

@@ -40,7 +40,7 @@ def smol_cfg(tmp_path_factory):
     return load_config(["config/run/cpu.yaml"], SMALL + [f"train.out_dir={out / 'run'}"])
 
 
-def test_offline_load_train_step_and_generate(smol_cfg):
+def test_offline_load_train_step_and_generate(smol_cfg, monkeypatch):
     from tflow.infer import TFlowAgents
     from tflow.train import train
 
@@ -61,3 +61,19 @@ def test_offline_load_train_step_and_generate(smol_cfg):
         assert set(a.accounting.tokens) == {"sender:strategist", "sender:knowledge_extractor", "receiver"}
         assert a.accounting.processed_tokens > a.accounting.tokens["receiver"]["prompt"]
         assert set(a.accounting.seconds) == {"sender_prefill", "generator", "receiver_prefill", "decode"}
+
+    # lora.factor_dtype=bfloat16 reaches the transient LoRA (the fused op then reads bf16 factors)
+    from omegaconf import OmegaConf
+
+    import tflow.infer
+    seen = []
+
+    class Spy(tflow.infer.TransientLoRA):
+        def __enter__(self):
+            seen.append(self.factor_dtype)
+            return super().__enter__()
+
+    agents.cfg = OmegaConf.merge(smol_cfg, {"lora": {"factor_dtype": "bfloat16"}})
+    monkeypatch.setattr(tflow.infer, "TransientLoRA", Spy)
+    bf16 = agents.answer([problems[0].question], max_new_tokens=12)
+    assert seen == [torch.bfloat16] and bf16[0].generated_tokens > 0

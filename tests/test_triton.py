@@ -29,7 +29,8 @@ def _poisoned_view(shape, dtype, g, pad=3):
     return buf, view
 
 
-def _check(mode, B, T, K, N, R, S, dtype, seed=0):
+def _check(mode, B, T, K, N, R, S, dtype, seed=0, factor_dtype=torch.float32):
+    """factor_dtype: the factors' storage; the reference gets the same (rounded) values in fp32."""
     from tflow_kernels.triton_lora import lora_apply_
 
     g = torch.Generator().manual_seed(seed)
@@ -37,13 +38,13 @@ def _check(mode, B, T, K, N, R, S, dtype, seed=0):
     buf, out = _poisoned_view((B, T, N), dtype, g)
     nan_before = torch.isnan(buf).sum().item()
     if mode == "sum":  # S senders concatenated along the rank, different factors per row
-        a = (torch.randn(B, S * R, K, generator=g) * 0.3).to(DEVICE)
-        b = (torch.randn(B, N, S * R, generator=g) * 0.3).to(DEVICE)
-        delta = lora_delta_sum(x, a.transpose(1, 2), b.transpose(1, 2))
+        a = (torch.randn(B, S * R, K, generator=g) * 0.3).to(DEVICE, factor_dtype)
+        b = (torch.randn(B, N, S * R, generator=g) * 0.3).to(DEVICE, factor_dtype)
+        delta = lora_delta_sum(x, a.float().transpose(1, 2), b.float().transpose(1, 2))
     else:
-        a = (torch.randn(B, S, R, K, generator=g) * 0.3).to(DEVICE)
-        b = (torch.randn(B, S, N, R, generator=g) * 0.3).to(DEVICE)
-        delta = lora_delta_max(x, a.transpose(-1, -2), b.transpose(-1, -2))
+        a = (torch.randn(B, S, R, K, generator=g) * 0.3).to(DEVICE, factor_dtype)
+        b = (torch.randn(B, S, N, R, generator=g) * 0.3).to(DEVICE, factor_dtype)
+        delta = lora_delta_max(x, a.float().transpose(-1, -2), b.float().transpose(-1, -2))
     want = (out.float() + delta).to(dtype)
     lora_apply_(out, x, a, b, mode=mode)
     err = ((out.float() - want.float()).abs().max() / want.float().abs().max()).item()
@@ -62,6 +63,26 @@ def test_kernel_matrix_against_reference(dtype, mode):
         _check(mode, B, T, K, N, R, S, dtype, seed=R * 10 + S)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("mode", ["sum", "max"])
+def test_kernel_bf16_factor_storage(dtype, mode):
+    """lora.factor_dtype=bfloat16: bf16 factors are converted to fp32 on load (fp32 dots, fp32 intermediate),
+    so the kernel must match the reference on the same rounded values at the fp32 / fp16 bounds."""
+    for (B, T, K, N), R, S in itertools.product(SHAPES, [4, 16], [1, 2]):
+        _check(mode, B, T, K, N, R, S, dtype, seed=R * 10 + S, factor_dtype=torch.bfloat16)
+
+
+def test_kernel_rejects_other_factor_dtypes():
+    from tflow_kernels.triton_lora import lora_apply_
+
+    x, out = torch.randn(2, 1, 8, device=DEVICE), torch.randn(2, 1, 6, device=DEVICE)
+    a, b = torch.randn(2, 4, 8, device=DEVICE), torch.randn(2, 6, 4, device=DEVICE)
+    with pytest.raises(TypeError, match="float32 or both bfloat16"):
+        lora_apply_(out, x, a.half(), b.half())
+    with pytest.raises(TypeError, match="float32 or both bfloat16"):
+        lora_apply_(out, x, a, b.bfloat16())
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("mode", ["sum", "max"])
@@ -69,3 +90,4 @@ def test_kernel_matrix_against_reference(dtype, mode):
 def test_gpu_bf16_qwen3_4b_shapes(mode, K, N):
     for T, R, S in [(1, 4, 2), (1, 32, 2), (257, 8, 3)]:
         _check(mode, 8, T, K, N, R, S, torch.bfloat16)
+    _check(mode, 8, 1, K, N, 4, 2, torch.bfloat16, factor_dtype=torch.bfloat16)  # lora.factor_dtype=bfloat16

@@ -1,7 +1,8 @@
 // Fused CPU LoRA-apply for TFlow's transient, per-row deltas (inference, no autograd):
-//   out[b, t, :] += (x[b, t, :] @ a[b]^T) @ bt[b]       a: [B, R, d_in] fp32, bt: [B, R, d_out] fp32
-// One op per Linear call instead of four eager ops (cast, shrink, expand, add); the rank-R
-// intermediate and the accumulation are fp32, the result is rounded once into out's dtype.
+//   out[b, t, :] += (x[b, t, :] @ a[b]^T) @ bt[b]       a: [B, R, d_in], bt: [B, R, d_out]
+// One op per Linear call instead of four eager ops (cast, shrink, expand, add); the factors are
+// stored as fp32 or bf16 (half the bytes), the rank-R intermediate and the accumulation are fp32
+// either way, and the result is rounded once into out's dtype.
 // Rows are split evenly over ATen's thread pool unless the update is tiny.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -27,8 +28,8 @@ template <> inline c10::BFloat16 from_f32<c10::BFloat16>(float f) {
   return c10::BFloat16(static_cast<uint16_t>(bits >> 16), c10::BFloat16::from_bits());
 }
 
-template <typename scalar_t>
-static void rows_kernel(const scalar_t* x, const float* a, const float* bt, scalar_t* out,
+template <typename scalar_t, typename factor_t>
+static void rows_kernel(const scalar_t* x, const factor_t* a, const factor_t* bt, scalar_t* out,
                         int64_t B, int64_t T, int64_t I, int64_t R, int64_t O,
                         int64_t xs_b, int64_t xs_t, int64_t os_b, int64_t os_t, int64_t grain) {
   at::parallel_for(0, B * T, grain, [&](int64_t begin, int64_t end) {
@@ -38,21 +39,21 @@ static void rows_kernel(const scalar_t* x, const float* a, const float* bt, scal
       const scalar_t* xr = x + b * xs_b + t * xs_t;
       #pragma omp simd
       for (int64_t i = 0; i < I; ++i) xf[i] = to_f32(xr[i]);
-      const float* A = a + b * R * I;                  // [R, I]
+      const factor_t* A = a + b * R * I;               // [R, I]
       for (int64_t r = 0; r < R; ++r) {                // shrink: xa = x A^T  (fp32)
-        const float* ar = A + r * I;
+        const factor_t* ar = A + r * I;
         float s = 0.f;
         #pragma omp simd reduction(+:s)
-        for (int64_t i = 0; i < I; ++i) s += xf[i] * ar[i];
+        for (int64_t i = 0; i < I; ++i) s += xf[i] * to_f32(ar[i]);
         xa[r] = s;
       }
-      const float* Bt = bt + b * R * O;                // [R, O]
+      const factor_t* Bt = bt + b * R * O;             // [R, O]
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t r = 0; r < R; ++r) {                // expand: acc = xa B^T  (fp32)
         const float s = xa[r];
-        const float* br = Bt + r * O;
+        const factor_t* br = Bt + r * O;
         #pragma omp simd
-        for (int64_t o = 0; o < O; ++o) acc[o] += s * br[o];
+        for (int64_t o = 0; o < O; ++o) acc[o] += s * to_f32(br[o]);
       }
       scalar_t* orow = out + b * os_b + t * os_t;
       #pragma omp simd
@@ -73,7 +74,8 @@ torch::Tensor lora_add_(torch::Tensor out, torch::Tensor x, torch::Tensor a, tor
   TORCH_CHECK(x.size(0) == a.size(0), "input batch ", x.size(0), " != ", a.size(0),
               " rows of generated deltas (beam search / num_return_sequences>1 are not supported)");
   if (x.stride(2) != 1) x = x.contiguous();
-  TORCH_CHECK(a.scalar_type() == at::kFloat && bt.scalar_type() == at::kFloat, "factors must be float32");
+  TORCH_CHECK(a.scalar_type() == bt.scalar_type() && (a.scalar_type() == at::kFloat || a.scalar_type() == at::kBFloat16),
+              "factors must both be float32 or both bfloat16");
   TORCH_CHECK(a.is_contiguous() && bt.is_contiguous(), "factors must be contiguous");
   TORCH_CHECK(x.scalar_type() == out.scalar_type(), "x and out dtypes differ");
   TORCH_CHECK(out.stride(2) == 1, "out's last dim must be contiguous");
@@ -84,12 +86,18 @@ torch::Tensor lora_add_(torch::Tensor out, torch::Tensor x, torch::Tensor a, tor
   const int64_t rows = B * T, threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t grain = (rows * (I * R + R * O) < (int64_t(1) << 15)) ? rows : std::max<int64_t>(1, (rows + threads - 1) / threads);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tflow_lora_add_", [&] {
-    rows_kernel<scalar_t>(x.data_ptr<scalar_t>(), a.data_ptr<float>(), bt.data_ptr<float>(), out.data_ptr<scalar_t>(),
-                          B, T, I, R, O, x.stride(0), x.stride(1), out.stride(0), out.stride(1), grain);
+    if (a.scalar_type() == at::kFloat)
+      rows_kernel<scalar_t, float>(x.data_ptr<scalar_t>(), a.data_ptr<float>(), bt.data_ptr<float>(),
+                                   out.data_ptr<scalar_t>(), B, T, I, R, O, x.stride(0), x.stride(1),
+                                   out.stride(0), out.stride(1), grain);
+    else
+      rows_kernel<scalar_t, c10::BFloat16>(x.data_ptr<scalar_t>(), a.data_ptr<c10::BFloat16>(),
+                                           bt.data_ptr<c10::BFloat16>(), out.data_ptr<scalar_t>(), B, T, I, R, O,
+                                           x.stride(0), x.stride(1), out.stride(0), out.stride(1), grain);
   });
   return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("lora_add_", &lora_add_, "out[b,t] += (x[b,t] @ a[b]^T) @ bt[b], in place (fp32 factors, no autograd)");
+  m.def("lora_add_", &lora_add_, "out[b,t] += (x[b,t] @ a[b]^T) @ bt[b], in place (fp32 or bf16 factors, fp32 accumulation, no autograd)");
 }

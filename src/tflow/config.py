@@ -55,6 +55,9 @@ class LoraConfig:
     output_scale: float = 0.01  # multiplies both generated A and B (TFlow)
     targets: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
     layers: Optional[list[int]] = None  # None = every decoder layer
+    # Storage of the generated factors while applied at inference: float32 | bfloat16 (half the bytes
+    # a decode step reads for them; the rank intermediate and accumulation stay fp32). Training uses fp32.
+    factor_dtype: str = "float32"
 
 
 @dataclass
@@ -177,6 +180,7 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.fusion.name in FUSIONS, "fusion.name", f"unknown fusion {cfg.fusion.name!r}; choose from {sorted(FUSIONS)}")
     need(cfg.backend in BACKENDS, "backend", f"unknown backend {cfg.backend!r}; choose from {sorted(BACKENDS)}")
     need(cfg.lora.rank >= 1, "lora.rank", "must be >= 1")
+    need(cfg.lora.factor_dtype in ("float32", "bfloat16"), "lora.factor_dtype", "must be float32 or bfloat16")
     need(len(cfg.lora.targets) > 0, "lora.targets", "needs at least one module name")
     bad = [t for t in cfg.lora.targets if t not in ALL_PROJECTIONS]
     need(not bad, "lora.targets", f"unknown projections {bad}; choose from {ALL_PROJECTIONS}")

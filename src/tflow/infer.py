@@ -26,6 +26,7 @@ from tflow.errors import cli
 from tflow.lora import TransientLoRA
 from tflow.models import target_linears
 from tflow.pipeline import delta_for, load_backbones, load_generator, read_checkpoint, zero_delta_like
+from tflow.utils import DTYPES
 
 
 @dataclass
@@ -82,7 +83,7 @@ class TFlowAgents:
                 delta = zero_delta_like(delta)
         tok = self.receiver.tokenizer
         timer = PrefillTimer()
-        with TransientLoRA(self.linears, delta, backend=cfg.backend):
+        with TransientLoRA(self.linears, delta, backend=cfg.backend, factor_dtype=DTYPES[cfg.lora.factor_dtype]):
             out = self.receiver.model.generate(
                 **{k: v.to(self.receiver.device) for k, v in batch.items()}, max_new_tokens=max_new_tokens,
                 do_sample=do_sample, temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,

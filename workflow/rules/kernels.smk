@@ -22,6 +22,8 @@ rule bench_kernels:
 rule bench_decode:
     output:
         csv="results/reference/bench_decode_{device}.csv",
+        steps="results/reference/bench_decode_{device}_steps.csv",
+        summary="results/reference/bench_decode_{device}.json",
     log:
         "logs/bench_decode_{device}.log",
     benchmark:

@@ -7,7 +7,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-ORDER = ["no_lora", "loop", "bmm_hooks", "peft_lora", "cpu_fused", "triton"]
+ORDER = ["no_lora", "loop", "bmm_hooks", "peft_lora", "cpu_fused", "cpu_fused_bf16", "triton", "triton_bf16"]
 
 
 def plot(csv_paths: list[str], pdf: str, png: str, provenance: str) -> None:
