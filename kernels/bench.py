@@ -90,6 +90,7 @@ def variants(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     return out
 
 
+@torch.no_grad()  # restores the caller's grad mode on return (the test suite calls main in-process)
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="smollm2-135m,qwen3-4b")
@@ -101,7 +102,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--peak-gbps", type=float, default=0.0, help="vendor peak bandwidth for a second floor ratio")
     ap.add_argument("--out", help="CSV path")
     args = ap.parse_args(argv)
-    torch.set_grad_enabled(False)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     dtype = getattr(torch, args.dtype)

@@ -10,7 +10,7 @@ it accumulates the rank-R intermediate over d_in in fp32, multiplies by its bloc
 (IEEE precision, no TF32) and adds into `out` in place, rounding once to out's dtype. The rank is
 padded to >= 16 inside the kernel (the GPU compiler's minimum dot size); padded lanes are
 masked loads of zero. x and out may be fp32, fp16 or bf16 and strided; the factors are stored as
-fp32 or bf16 (half the bytes; per row at rank 4 they are ~0.4% / 0.2% of the weights' bytes) and
+fp32 or bf16 (half the bytes; per row at rank 4 on Qwen3-4B, ~0.4% / 0.2% of the weights') and
 converted to fp32 on load, so both dots are IEEE fp32 either way.
 
 Under TRITON_INTERPRET=1 (set before this module is imported) the kernels run on CPU tensors,

@@ -9,7 +9,9 @@ def test_kernel_bench_rows_and_bf16_floor(tmp_path):
     from tflow_kernels.bench import main
 
     out = tmp_path / "k.csv"
+    assert torch.is_grad_enabled()
     main(["--models", "smollm2-135m", "--batch", "2", "--prefill-tokens", "4", "--repeats", "1", "--out", str(out)])
+    assert torch.is_grad_enabled()  # it once switched autograd off for the process (breaking later training tests)
     rows = list(csv.DictReader(out.open()))
     variants = {r["variant"] for r in rows}
     assert variants == {"no_lora", "loop", "bmm_hooks", "peft_lora", "cpu_fused", "cpu_fused_bf16"}
@@ -46,3 +48,4 @@ def test_step_overheads_pairs_rounds_and_restores_the_cache(tiny_backbone):
     assert active_transient_count(linears) == 0  # every context exited
     med, lo, hi = median_ci([0.01, 0.02, 0.03, 0.05, 0.04, 0.02, 0.03])
     assert lo <= med <= hi and med == 0.03
+
