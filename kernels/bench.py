@@ -122,20 +122,18 @@ def main(argv: Sequence[str] | None = None) -> None:
                 for _ in range(args.repeats):
                     for k, fn in fns.items():
                         best[k] = min(best[k], _time(fn, sync))
-                # bytes the LoRA update itself must move: x read, factors read, out read + written
-                def lora_bytes(variant: str) -> int:
-                    factor_size = 2 if variant.endswith("_bf16") else 4
-                    return (x.numel() * x.element_size() + (a.numel() + b.numel()) * factor_size
-                            + 2 * B * T * d_out * x.element_size())
-
+                # bytes the LoRA update itself must move: x read, factors read (2 bytes each for *_bf16, else 4),
+                # out read + written
+                io_bytes = x.numel() * x.element_size() + 2 * B * T * d_out * x.element_size()
                 for k, t in best.items():
                     extra = t - best["no_lora"]
+                    lora_bytes = io_bytes + (a.numel() + b.numel()) * (2 if k.endswith("_bf16") else 4)
                     rows.append({"device": device, "model": model, "proj": proj, "phase": phase, "batch": B, "tokens": T,
                                  "d_in": d_in, "d_out": d_out, "rank_total": R, "dtype": args.dtype, "variant": k,
                                  "us_per_call": t * 1e6, "us_per_token": t * 1e6 / (B * T),
                                  "overhead_vs_no_lora": t / best["no_lora"] - 1,
-                                 "lora_us_over_floor": (extra / (lora_bytes(k) / bw)) if k != "no_lora" else float("nan"),
-                                 "lora_us_over_peak_floor": (extra / (lora_bytes(k) / (args.peak_gbps * 1e9)))
+                                 "lora_us_over_floor": (extra / (lora_bytes / bw)) if k != "no_lora" else float("nan"),
+                                 "lora_us_over_peak_floor": (extra / (lora_bytes / (args.peak_gbps * 1e9)))
                                  if args.peak_gbps and k != "no_lora" else float("nan"),
                                  "copy_gbps": bw / 1e9})
                 line = "  ".join(f"{k} {v * 1e6:8.1f}us" for k, v in best.items())

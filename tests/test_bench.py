@@ -33,16 +33,19 @@ def _lora_bytes(B, T, d_in, d_out, R, factor_size):
 
 
 def test_step_overheads_pairs_rounds_and_restores_the_cache(tiny_backbone):
-    from tflow.bench_decode import median_ci, random_delta, step_overheads
-    from tflow.lora import TransientLoRA, active_transient_count
+    from tflow.bench_decode import lora_context, random_delta, step_overheads
+    from tflow.lora import active_transient_count
     from tflow.models import target_linears
+    from tflow.stats import median_ci
 
     model = tiny_backbone.model
     ids = torch.randint(5, 300, (2, 7))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     linears = target_linears(model, ["q_proj", "down_proj"])
     delta = random_delta(linears, 2, 2, 4, "sum")
-    contexts = {"no_lora": lambda: None, "mean/torch": lambda: TransientLoRA(linears, delta, backend="torch")}
+    f32 = torch.float32
+    contexts = {"no_lora": lambda: lora_context(linears, None, "", f32),
+                "mean/torch": lambda: lora_context(linears, delta, "torch", f32)}
     times = step_overheads(model, batch, contexts, steps=5, sync=lambda: None)
     assert set(times) == set(contexts) and all(len(t) == 5 and min(t) > 0 for t in times.values())
     assert active_transient_count(linears) == 0  # every context exited

@@ -61,7 +61,6 @@ def test_cpu_fused_rejects_mismatched_factor_dtypes():
     from tflow_kernels.cpu_fused import extension
 
     x, out, a, b = _case(2, 1, 8, 4, 6, torch.float32)
-
     with torch.no_grad(), pytest.raises(RuntimeError, match="float32 or both bfloat16"):
         extension().lora_add_(out, x, a.contiguous(), b.transpose(1, 2).contiguous().bfloat16())
 

@@ -86,14 +86,13 @@ torch::Tensor lora_add_(torch::Tensor out, torch::Tensor x, torch::Tensor a, tor
   const int64_t rows = B * T, threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t grain = (rows * (I * R + R * O) < (int64_t(1) << 15)) ? rows : std::max<int64_t>(1, (rows + threads - 1) / threads);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tflow_lora_add_", [&] {
-    if (a.scalar_type() == at::kFloat)
-      rows_kernel<scalar_t, float>(x.data_ptr<scalar_t>(), a.data_ptr<float>(), bt.data_ptr<float>(),
-                                   out.data_ptr<scalar_t>(), B, T, I, R, O, x.stride(0), x.stride(1),
-                                   out.stride(0), out.stride(1), grain);
-    else
-      rows_kernel<scalar_t, c10::BFloat16>(x.data_ptr<scalar_t>(), a.data_ptr<c10::BFloat16>(),
-                                           bt.data_ptr<c10::BFloat16>(), out.data_ptr<scalar_t>(), B, T, I, R, O,
-                                           x.stride(0), x.stride(1), out.stride(0), out.stride(1), grain);
+    auto run = [&](auto factor_tag) {  // factor storage: float or BFloat16
+      using factor_t = decltype(factor_tag);
+      rows_kernel<scalar_t, factor_t>(x.data_ptr<scalar_t>(), a.data_ptr<factor_t>(), bt.data_ptr<factor_t>(),
+                                      out.data_ptr<scalar_t>(), B, T, I, R, O, x.stride(0), x.stride(1),
+                                      out.stride(0), out.stride(1), grain);
+    };
+    if (a.scalar_type() == at::kFloat) run(float{}); else run(c10::BFloat16{});
   });
   return out;
 }

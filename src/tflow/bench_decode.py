@@ -3,8 +3,9 @@
     python -m tflow.bench_decode [--batch 8 --new-tokens 32 --repeats 21 --rank 4 --senders 2 --steps 200
                                --bf16-factors cpu_fused --out results/reference/bench_decode_cpu.csv]
 
-Two estimates, both with every variant interleaved in one process (this machine's speed drifts
-by +-15% within seconds and 10-30% between runs):
+Two estimates, both with every variant interleaved in one process (this machine's speed drifts: in
+the committed batch-8 run the no-LoRA step alone spans 45-63 ms between its 5th and 95th
+percentiles, and whole runs differ by 10-30%):
 - single decode steps (the primary one, `--steps` rounds): each round times one decode step of
   every variant from the same prompt KV cache, after a cache flush; the overhead is the median of
   the per-round ratios to the no-LoRA step, with a 95% bootstrap CI;
@@ -28,7 +29,7 @@ import csv
 import logging
 import statistics
 import time
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from omegaconf import OmegaConf
@@ -42,6 +43,7 @@ from tflow.fusion import LoraDelta, ModuleDelta
 from tflow.lora import TransientLoRA
 from tflow.models import target_linears
 from tflow.pipeline import load_backbones
+from tflow.stats import median_ci
 from tflow.utils import DTYPES, atomic_path, provenance, write_json_atomic
 
 
@@ -71,13 +73,22 @@ def random_receiver(arch: str, dtype: torch.dtype, device: str, batch: int, prom
     return model, {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
 
 
-def step_overheads(model: torch.nn.Module, batch: dict[str, torch.Tensor], contexts: dict[str, Callable[[], Any]],
-                   steps: int, sync: Callable[[], None], seed: int = 0) -> dict[str, list[float]]:
+def lora_context(linears: dict[str, torch.nn.Linear], delta: LoraDelta | None, backend: str,
+                 factor_dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """The transient LoRA of one benchmark variant; no_lora (delta None) runs under a null context."""
+    if delta is None:
+        return contextlib.nullcontext()
+    return TransientLoRA(linears, delta, backend=backend, factor_dtype=factor_dtype)
+
+
+def step_overheads(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                   contexts: dict[str, Callable[[], contextlib.AbstractContextManager]], steps: int,
+                   sync: Callable[[], None]) -> dict[str, list[float]]:
     """Seconds of single decode steps (one new token per row over the prompt's KV cache), per variant,
     interleaved step by step: round i runs every variant once, in a rotated order, each after a cache
     flush and from the same cache (cropped back to the prompt after every step). Pairing per round
-    cancels this machine's drift, which moves by +-15% within seconds. contexts: name -> a
-    zero-argument factory of the context manager to time under (None: no LoRA)."""
+    cancels this machine's drift (the no-LoRA step alone spans tens of percent over a run). contexts:
+    name -> a zero-argument factory of the context manager to time under (see `lora_context`)."""
     device = batch["input_ids"].device
     flush = torch.empty(64 * 2**20 // 4, device=device)  # 64 MiB > the L3 cache: no variant starts hot
     with torch.no_grad():
@@ -90,7 +101,7 @@ def step_overheads(model: torch.nn.Module, batch: dict[str, torch.Tensor], conte
     times: dict[str, list[float]] = {n: [] for n in names}
     for i in range(steps + 1):  # round 0 warms up every variant
         for name in names[i % len(names):] + names[:i % len(names)]:
-            with torch.no_grad(), (contexts[name]() or contextlib.nullcontext()):
+            with torch.no_grad(), contexts[name]():
                 flush.fill_(float(i))
                 sync()
                 t0 = time.perf_counter()
@@ -102,15 +113,6 @@ def step_overheads(model: torch.nn.Module, batch: dict[str, torch.Tensor], conte
             if cache.get_seq_length() != prompt_len:
                 raise RuntimeError(f"KV cache holds {cache.get_seq_length()} tokens after crop, not {prompt_len}")
     return times
-
-
-def median_ci(values: Sequence[float], seed: int = 0) -> tuple[float, float, float]:
-    """Median and its 95% percentile-bootstrap confidence interval (scipy)."""
-    from scipy.stats import bootstrap
-
-    res = bootstrap((list(values),), statistics.median, n_resamples=2000, method="percentile",
-                    random_state=seed, vectorized=False)
-    return statistics.median(values), float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def random_delta(linears: dict[str, torch.nn.Linear], batch: int, senders: int, rank: int, mode: str,
@@ -185,12 +187,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                   pad_token_id=pad_id, streamer=timer)
         sync()
         t0 = time.perf_counter()
-        with torch.no_grad():
-            if delta is None:
-                model.generate(**batch, **kw)
-            else:
-                with TransientLoRA(linears, delta, backend=backend, factor_dtype=factor_dtype):
-                    model.generate(**batch, **kw)
+        with torch.no_grad(), lora_context(linears, delta, backend, factor_dtype):
+            model.generate(**batch, **kw)
         sync()
         total = time.perf_counter() - t0
         return total, timer.split()[1]
@@ -205,8 +203,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"repeat {rep} {name:>15}: total {total:.3f} s, decode {decode:.3f} s")
     steps: dict[str, list[float]] = {}
     if args.steps:
-        contexts = {name: (lambda d=d, b=b, f=f: TransientLoRA(linears, d, backend=b, factor_dtype=f) if d else None)
-                    for name, (d, b, f) in variants.items()}
+        contexts = {name: (lambda v=v: lora_context(linears, *v)) for name, v in variants.items()}
         steps = step_overheads(model, batch, contexts, args.steps, sync)
     step_summary = {}
     for v, ts in steps.items():

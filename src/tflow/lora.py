@@ -4,9 +4,9 @@ On entry the context manager wraps each targeted Linear's `forward` (an instance
 class method, or over whatever instance-level forward was there, e.g. accelerate's); on exit (also
 on an exception) it restores exactly what it found, in reverse order. A wrapper rather than a
 forward hook: a hook sends every call through nn.Module's slower hook-dispatch path, 210 times per
-decode step on SmolLM2. Weights are never
-merged (low-precision merge/unmerge is not exact). Every call of a wrapped Linear, in prefill and
-in each decode step, gets `out + delta(x)` with row b of the batch using row b's delta.
+decode step on SmolLM2. Weights are never merged (low-precision merge/unmerge is not exact). Every
+call of a wrapped Linear, in prefill and in each decode step, gets `out + delta(x)` with row b of
+the batch using row b's delta.
 """
 from __future__ import annotations
 

@@ -82,6 +82,16 @@ def paired_bootstrap_ci(a: np.ndarray, b: np.ndarray, n_boot: int = 10_000, leve
     return _percentile(_bootstrap_means(ma - mb, n_boot, rng_seed), level)
 
 
+def median_ci(values: Sequence[float], level: float = 0.95, n_boot: int = 2000,
+              rng_seed: int = 0) -> tuple[float, float, float]:
+    """Median and its percentile-bootstrap CI (scipy), e.g. of paired timing ratios in the benchmarks."""
+    from scipy.stats import bootstrap
+
+    res = bootstrap((list(values),), np.median, n_resamples=n_boot, confidence_level=level, method="percentile",
+                    random_state=rng_seed, vectorized=False)
+    return float(np.median(values)), float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
 def mcnemar_exact(a: np.ndarray, b: np.ndarray) -> float:
     """Exact two-sided McNemar p-value: binomial test (p=0.5) on the discordant pairs; 1.0 if none."""
     a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
