@@ -18,25 +18,28 @@ SPECS_PATH = ROOT / "config" / "paper.yaml"
 PROV = {"generated_by": "tflow.artifacts", "rule": "make_table", "inputs": ["s.csv", "p.csv"],
         "config_hash": "cafe1234beef"}
 TASKS = ["gsm8k", "math500", "mmlu_redux", "humanevalplus", "mbppplus"]
-MAIN = "rank~4_scale~1.0_fusion~mean"
+MAIN = "main"
 FAMILIES = {"main": (["single", "textmas-long", "textmas-short48", "tflow"], "single"),
             "controls": (["tflow", "tflow_zero_delta", "tflow_shuffled", "static_lora"], "tflow"),
             "comparators": (["single", "ac", "kv", "tflow"], "single")}
-SWEEPS = {"ablation_rank": [f"rank~{r}_scale~1.0_fusion~mean" for r in (4, 8, 16, 32)],
-          "ablation_scale": [f"rank~4_scale~{s}_fusion~mean" for s in (0.25, 0.5, 1.0)],
-          "ablation_fusion": [f"rank~4_scale~1.0_fusion~{f}" for f in ("mean", "max", "attention")]}
+SWEEPS = {  # cell -> its swept run-config values (tflow.experiment names cells by their difference to main)
+    "ablation_rank": {("main" if r == 4 else f"lora.alpha~{2.0 * r}_lora.rank~{r}"): {"lora.rank": str(r), "lora.alpha": str(2.0 * r)}
+                      for r in (4, 8, 16, 32)},
+    "ablation_scale": {("main" if a == 8.0 else f"lora.alpha~{a}"): {"lora.alpha": str(a)} for a in (2.0, 4.0, 8.0)},
+    "ablation_fusion": {("main" if f == "mean" else f"fusion.name~{f}"): {"fusion.name": f} for f in ("mean", "max", "attention")}}
 SEEDS = 3
 
 
-def _row(rng, family, task, method, cell, baseline, acc):
+def _row(rng, family, task, method, cell, baseline, acc, params=None):
     p = float(rng.choice([0.001, 0.03, 0.05, 0.07, 0.2]))  # 0.05 itself is not significant
     is_base = method == baseline or cell == baseline
-    return dict(family=family, task=task, method=method, cell=cell, n_problems=50, n_seeds=SEEDS, acc_mean=acc,
+    return dict(family=family, task=task, method=method, cell=cell, cell_params=json.dumps(params or {}),
+                n_problems=50, n_seeds=SEEDS, acc_mean=acc,
                 acc_std=0.01 + 0.02 * rng.random(), acc_ci_low=acc - 0.05, acc_ci_high=acc + 0.05,
                 tokens_mean=float(rng.integers(200, 5000)), seconds_mean=0.1 + 3 * rng.random(),
                 s_sender_prefill_mean=np.nan if method == "single" else rng.random(),
                 s_sender_decode_mean=rng.random() if method.startswith("textmas") else np.nan,
-                s_generator_mean=rng.random() if method.startswith("tflow") else np.nan,
+                s_generator_mean=rng.random() if method.startswith("tflow") else np.nan, s_transform_mean=np.nan,
                 s_receiver_prefill_mean=rng.random(), s_decode_mean=rng.random(), base_acc_mean=np.nan,
                 baseline=baseline, is_baseline=is_base, delta=0.0 if is_base else acc - 0.4, delta_ci_low=-0.1, delta_ci_high=0.1,
                 p_mcnemar="0.1;0.2;0.3", p_mcnemar_max=0.3, p_perm=p, p_holm=np.nan if is_base else p)
@@ -50,11 +53,12 @@ def frames():
         for t in TASKS:
             for m in methods:
                 acc = round(float(rng.uniform(0.2, 0.8)), 3)
-                rows.append(_row(rng, fam, t, m, MAIN if m.startswith("tflow") else "default", base, acc))
+                rows.append(_row(rng, fam, t, m, MAIN if m.startswith("tflow") or m == "static_lora" else "none",
+                                 base, acc))
     for fam, cells in SWEEPS.items():
         for t in ("gsm8k", "math500"):
-            for c in cells:
-                rows.append(_row(rng, fam, t, "tflow", c, MAIN, round(float(rng.uniform(0.2, 0.8)), 3)))
+            for c, params in cells.items():
+                rows.append(_row(rng, fam, t, "tflow", c, MAIN, round(float(rng.uniform(0.2, 0.8)), 3), params))
     stats = pd.DataFrame(rows)
     seeds = [dict(family=r.family, task=r.task, method=r.method, cell=r.cell, seed=s,
                   accuracy=r.acc_mean + 0.01 * (s - 1), tokens_mean=r.tokens_mean + 10 * s,
@@ -64,7 +68,7 @@ def frames():
 
 @pytest.fixture(scope="module")
 def specs():
-    return load_specs(SPECS_PATH)
+    return load_specs(SPECS_PATH, list(SWEEPS), TASKS)
 
 
 def _spec(specs, name):
@@ -93,7 +97,9 @@ def test_every_table_spec_renders_with_rules_rows_and_header(frames, specs):
     assert "(ref.)" in rank[0][0] and all("(ref.)" not in r[0] for r in rank[1:])  # the main cell is the baseline
     st = stats.assign(baseline=stats.baseline.where(stats.family != "ablation_scale", "tflow"))
     tex = render_table(st, _spec(specs, "ablation_scale"), PROV, specs)  # baseline named by method only
-    assert [r[0] for r in _body(tex)] == ["0.25", "0.5", "1.0 (ref.)"] and r"$\alpha/r$ = 1.0 at" in tex
+    assert [r[0] for r in _body(tex)] == ["2.0", "4.0", "8.0 (ref.)"] and r"main cell (LoRA $\alpha$ = 8.0)" in tex
+    rank_tex = render_table(stats, _spec(specs, "ablation_rank"), PROV, specs)  # no `param`: every swept key
+    assert r"LoRA rank $r$ / LoRA $\alpha$" in rank_tex and "8 / 16.0" in rank_tex
 
 
 def test_number_formats_and_bold_on_best_accuracy_with_ties(frames, specs):
@@ -203,10 +209,14 @@ def test_macros_unique_deterministic_and_cover_main_tex(frames, specs):
 
 
 def test_main_tex_inputs_every_table_and_figure(specs):
+    """main.tex places the method families' tables and figures; generated/ablations.tex every ablation's."""
     tex = (ROOT / "paper" / "main.tex").read_text()
     assert r"\input{generated/macros.tex}" in tex and r"\input{preamble}" in tex
-    assert {t["name"] for t in specs["tables"]} == set(re.findall(r"\\input\{tables/([^}.]+)", tex))
-    figs = set(re.findall(r"\\includegraphics[^{]*\{figures/([^}.]+)\.pdf", tex))
+    assert r"\input{generated/ablations}" in tex
+    gen = artifacts.render_ablation_tex(specs, list(SWEEPS), PROV)
+    tables = set(re.findall(r"\\input\{tables/([^}.]+)", tex)) | set(re.findall(r"\\input\{tables/([^}.]+)", gen))
+    assert {t["name"] for t in specs["tables"]} == tables
+    figs = set(re.findall(r"\\includegraphics[^{]*\{figures/([^}.]+)\.pdf", tex + gen))
     assert {f["name"] for f in specs["figures"]} == figs
     assert all(w in (ROOT / "paper" / "preamble.tex").read_text() for w in ("booktabs", "graphicx"))
 
@@ -233,7 +243,7 @@ def test_figure_without_data_fails_naming_the_spec(frames, specs):
     with pytest.raises(figures.FigureDataError, match=r"'ablation_fusion'.*ablation_fusion"):
         figures.render_figure(stats[stats.family != "ablation_fusion"], per_seed, fig_spec["ablation_fusion"], specs)
     with pytest.raises(figures.FigureDataError, match=r"'phase_time'.*per-phase"):
-        no_phase = stats.drop(columns=list(figures.PHASES))
+        no_phase = stats.drop(columns=[c for c in figures.PHASES if c in stats])
         figures.render_figure(no_phase, per_seed, fig_spec["phase_time"], specs)
     with pytest.raises(figures.FigureDataError, match=r"'phase_time'.*missing"):
         figures.render_figure(stats.assign(**{c: np.nan for c in figures.PHASES}), per_seed,
@@ -246,7 +256,7 @@ def test_figure_without_data_fails_naming_the_spec(frames, specs):
     (lambda s: s["tables"][0].update(colums=1), r"table spec 'main'.*colums"),
     (lambda s: s["tables"][1].pop("family"), r"table spec 'controls'.*family"),
     (lambda s: s["tables"][0]["columns"].update(metrics=["accuracy", "latency"]), r"'main'.*latency"),
-    (lambda s: s["tables"][3].pop("param"), r"table spec 'ablation_rank'.*param"),
+    (lambda s: s["tables"][3].update(row_by="column"), r"table spec 'ablation_rank'.*row_by"),
     (lambda s: s["figures"][0].update(kind="scatter"), r"figure spec 'frontier'.*kind"),
     (lambda s: s["figures"][1].update(colour="red"), r"figure spec 'ablation_rank'.*colour"),
     (lambda s: s["figures"][0].pop("methods"), r"figure spec 'frontier'.*methods"),
@@ -268,7 +278,7 @@ def test_clis_write_atomically(frames, tmp_path):
     stats.to_csv(tmp_path / "cells.csv", index=False)
     per_seed.to_csv(tmp_path / "per_seed.csv", index=False)
     common = ["--stats", str(tmp_path / "cells.csv"), "--per-seed", str(tmp_path / "per_seed.csv"),
-              "--specs", str(SPECS_PATH), "--config-hash", "abc123"]
+              "--specs", str(SPECS_PATH), "--config-hash", "abc123", "--tasks", *TASKS, "--ablations", *SWEEPS]
     artifacts.main(common + ["--tables-dir", str(tmp_path / "tables"), "--only", "controls", "--rule", "make_table"])
     assert [p.name for p in (tmp_path / "tables").iterdir()] == ["controls.tex"]
     tex = (tmp_path / "tables" / "controls.tex").read_text()

@@ -20,8 +20,8 @@ def setup(tiny_tokenizer):
 
 def test_kv_batched_layout_equals_each_row_alone(setup):
     """Senders' contexts + receiver prompt with padding in the middle == the row's full text, unpadded."""
-    from tflow.comparators import KVCommunication
-    from tflow.methods import decode_rows
+    from tflow.methods.latent import KVCommunication
+    from tflow.methods.base import decode_rows
 
     bb, cfg, problems = setup
     kv = KVCommunication(cfg, bb, bb)
@@ -38,7 +38,7 @@ def test_kv_batched_layout_equals_each_row_alone(setup):
 
 
 def test_kv_refuses_heterogeneous_senders(setup, tiny_tokenizer):
-    from tflow.comparators import KVCommunication
+    from tflow.methods.latent import KVCommunication
     from tflow.errors import ConfigError
 
     bb, cfg, _ = setup
@@ -47,7 +47,7 @@ def test_kv_refuses_heterogeneous_senders(setup, tiny_tokenizer):
 
 
 def test_ac_replaces_the_last_token_state_at_layer_j_during_prefill_only(setup):
-    from tflow.comparators import ActivationCommunication, patch_last_token, resolve_layer
+    from tflow.methods.latent import ActivationCommunication, patch_last_token, resolve_layer
     from tflow.models import decoder_layers
 
     bb, cfg, problems = setup
@@ -77,7 +77,7 @@ def test_ac_replaces_the_last_token_state_at_layer_j_during_prefill_only(setup):
 
 @pytest.mark.parametrize("op", ["sum", "mean", "replace"])
 def test_ac_ops_match_their_formulas(op):
-    from tflow.comparators import patch_last_token
+    from tflow.methods.latent import patch_last_token
 
     lin = torch.nn.Identity()
     h = torch.randn(2, 3, 4)

@@ -4,9 +4,10 @@ import torch
 
 from tflow.agents import ConditionCache, Conditions, question_span, receiver_batch, sender_states
 from tflow.config import load_config
-from tflow.fusion import FUSIONS, fuse
+from tflow.fusion import fuse
 from tflow.lora import TransientLoRA, active_transient_count
 from tflow.models import target_linears
+from tflow.registry import FUSIONS
 from tflow.pipeline import build_tflow, delta_for, delta_sq_norms
 from tflow_kernels import lora_delta_max, lora_delta_sum
 
@@ -122,7 +123,7 @@ def test_fusion_operators_match_their_formulas(name):
     a, b = factors["m"]
     x = torch.randn(B, T, 12)
     summary, receiver = torch.randn(B, S, 16), torch.randn(B, 24)
-    fusion = FUSIONS[name](16, 24, 8)
+    fusion = FUSIONS.load(name)(16, 24, 8)
     if name == "attention":  # leave the uniform initialisation so the weights depend on the input
         torch.nn.init.normal_(fusion.query.weight)
     delta = fuse(factors, fusion, summary, receiver, scale)
@@ -142,7 +143,7 @@ def test_fusion_operators_match_their_formulas(name):
 
 
 def test_attention_fusion_starts_as_mean():
-    fusion = FUSIONS["attention"](16, 24, 8)
+    fusion = FUSIONS.load("attention")(16, 24, 8)
     w = fusion.sender_weights(torch.randn(4, 3, 16), torch.randn(4, 24))
     torch.testing.assert_close(w, torch.full((4, 3), 1 / 3))
 

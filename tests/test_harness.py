@@ -33,7 +33,8 @@ def _run(overrides):
 def checkpoint(tmp_path_factory, tiny_dir):
     """A generator checkpoint for the tiny receiver (non-zero B heads, so the delta is not zero)."""
     from tflow.config import load_config
-    from tflow.pipeline import build_tflow, load_backbones, save_generator
+    from tflow.models import load_backbones
+    from tflow.pipeline import build_tflow, save_generator
 
     cfg = load_config([], TINY_OVERRIDES + ["model.receiver.source=path", f"model.receiver.name={tiny_dir}",
                                             "model.receiver.dtype=float32"])
@@ -118,7 +119,7 @@ def test_tflow_without_checkpoint_is_a_clear_error(tiny_dir, data_dir, tmp_path)
 
 
 def test_shuffled_condition_is_a_derangement():
-    from tflow.methods import derangement
+    from tflow.methods.base import derangement
 
     for n in (2, 3, 10, 64):
         perm = derangement(n, seed=n)
@@ -139,7 +140,7 @@ def test_eval_config_typos_fail_naming_the_key():
 def test_static_lora_control_trains_on_the_same_budget_and_evaluates(tiny_dir, data_dir, tmp_path):
     from tflow.config import load_config
     from tflow.errors import CheckpointError
-    from tflow.static_lora import peft_config, train_static
+    from tflow.methods.static_lora import peft_config, train_static
 
     ov = TINY_OVERRIDES + ["model.receiver.source=path", f"model.receiver.name={tiny_dir}", "model.receiver.dtype=float32",
                            f"data.data_dir={data_dir}", "data.sources=[gsm8k]", "data.per_source_limit=40",
@@ -154,7 +155,7 @@ def test_static_lora_control_trains_on_the_same_budget_and_evaluates(tiny_dir, d
     assert m["n"] == 5 and m["method"] == "static_lora"
     recs = [json.loads(x) for x in (tmp_path / "out" / "records.jsonl").read_text().splitlines()]
     assert all(set(r["tokens"]) == {"receiver"} for r in recs)
-    with pytest.raises(CheckpointError, match="static_lora needs"):
+    with pytest.raises(CheckpointError, match="static_lora needs eval.checkpoint"):
         _run(_overrides(tiny_dir, data_dir, tmp_path / "out2", "static_lora", **{"eval.checkpoint": tmp_path}))
 
 
@@ -196,7 +197,7 @@ def test_runs_sharing_a_process_match_runs_alone(tiny_dir, data_dir, tmp_path, c
 
 def test_shared_backbones_are_reused_and_refuse_a_model_left_modified(tiny_dir):
     from tflow.config import load_config
-    from tflow.pipeline import load_backbones, shared_backbones
+    from tflow.models import load_backbones, shared_backbones
 
     cfg = load_config([], TINY_OVERRIDES + ["model.receiver.source=path", f"model.receiver.name={tiny_dir}",
                                             "model.receiver.dtype=float32"])

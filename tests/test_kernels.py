@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from tflow_kernels import BACKENDS, lora_delta_sum
+from tflow.registry import BACKENDS
+from tflow_kernels import CpuFusedBackend, lora_delta_sum
 from tflow_kernels.reference import TorchBackend
 
 # Relative error bounds (max |got - want| / max |want|): fp32 accumulates in a different order;
@@ -26,7 +27,7 @@ def test_cpu_fused_matches_reference(dtype, shape):
     B, T, d_in, R, d_out = shape
     x, out, a, b = _case(B, T, d_in, R, d_out, dtype)
     want = (out.float() + lora_delta_sum(x, a.transpose(1, 2), b.transpose(1, 2))).to(dtype)
-    fused = BACKENDS["cpu_fused"]
+    fused = CpuFusedBackend
     with torch.no_grad():
         handle = fused.prepare(a, b, "sum")
         assert handle[0] == "fused"
@@ -42,7 +43,7 @@ def test_cpu_fused_bf16_factor_storage(dtype, shape):
     reference on the same rounded factors as tightly as with fp32 storage; the handle holds bf16."""
     B, T, d_in, R, d_out = shape
     x, out, a, b = _case(B, T, d_in, R, d_out, dtype)
-    fused = BACKENDS["cpu_fused"]
+    fused = CpuFusedBackend
     with torch.no_grad():
         handle = fused.prepare(a, b, "sum", torch.bfloat16)
         assert handle[0] == "fused" and all(f.dtype == torch.bfloat16 for f in handle[1])
@@ -67,7 +68,7 @@ def test_cpu_fused_rejects_mismatched_factor_dtypes():
 
 def test_cpu_fused_strided_and_flat_inputs():
     x, out, a, b = _case(4, 6, 24, 8, 16, torch.float32)
-    fused = BACKENDS["cpu_fused"]
+    fused = CpuFusedBackend
     with torch.no_grad():
         handle = fused.prepare(a, b, "sum")
         wide = torch.randn(4, 6, 48)
@@ -81,7 +82,7 @@ def test_cpu_fused_strided_and_flat_inputs():
 
 def test_cpu_fused_uses_the_reference_for_autograd_and_max():
     x, out, a, b = _case(2, 3, 8, 4, 6, torch.float32)
-    fused = BACKENDS["cpu_fused"]
+    fused = CpuFusedBackend
     a.requires_grad_(True)
     handle = fused.prepare(a, b, "sum")  # grad enabled: reference path, differentiable
     assert handle[0] == "reference"

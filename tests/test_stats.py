@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from tflow.stats import (bootstrap_ci, format_cell, holm, mcnemar_exact, mean_std, paired_bootstrap_ci,
-                         parse_cell, per_seed, sign_flip_test, summarize)
+from tflow.stats import (bootstrap_ci, holm, mcnemar_exact, mean_std, paired_bootstrap_ci, per_seed, sign_flip_test,
+                         summarize)
 
 P = 200
 
@@ -118,20 +118,6 @@ def test_holm_monotone():
     order = np.argsort(p)
     assert np.all(np.diff(adj[order]) >= 0)
     assert np.all(adj >= p) and np.all(adj <= 1)
-
-
-def test_parse_cell():
-    assert parse_cell("rank~8_scale~0.5_fusion~mean") == {"rank": "8", "scale": "0.5", "fusion": "mean"}
-    assert parse_cell("default") == {}
-    assert parse_cell("fusion_mode~mean_rank~8") == {"fusion_mode": "mean", "rank": "8"}
-    for cell in ["rank~8_scale~0.5_fusion~mean", "default", "lora_rank~16", "a~1_b_c~x"]:
-        assert format_cell(parse_cell(cell)) == cell
-    assert format_cell({"rank": 8, "scale": 0.5}) == "rank~8_scale~0.5"
-    for bad in ["rank8", "rank~8scale~1", "rank~"]:
-        with pytest.raises(ValueError):
-            parse_cell(bad)
-    with pytest.raises(ValueError):
-        format_cell({"fusion": "weighted_mean"})
 
 
 # --- summarize / per_seed on a synthetic records frame --------------------------------------------

@@ -34,31 +34,46 @@ def _job_counts(out: str) -> dict[str, int]:
 
 
 def _expected(cfg: dict, specs: dict) -> dict[str, int]:
-    """Jobs per rule from the config: cells x seeds x tasks x methods (cell-free methods run once per task and
-    seed; a family's `tasks` narrows its tasks); with eval_seeds_per_job one evaluate job runs every seed of a
-    (task, method, cell)."""
+    """Jobs per rule, counted from the config: every (task, method, cell) a family or an ablation evaluates
+    (methods needing a generator run at the main cell, others in no cell; an ablation's cells are its TSV rows,
+    duplicates of the main cell included once), times the seeds unless eval_seeds_per_job."""
     import pandas as pd
 
+    from tflow.methods import METHODS
+
     seeds, tasks = len(cfg["seeds"]), len(cfg["tasks"])
-    main = "rank~{rank}_scale~{scale:.1f}_fusion~{fusion}".format(**cfg["main_cell"])
-    evals = set()  # (task, method, cell)
+    needs = lambda m: METHODS[m.partition("-")[0]].needs  # noqa: E731
+    evals = set()  # (task, method, cell-or-None); None = no cell, "main" = the main cell
     for fam in cfg["families"].values():
         for m in fam["methods"]:
-            cell = main if m.startswith("tflow") or m == "static_lora" else "none"
-            evals |= {(t, m, cell) for t in fam.get("tasks", cfg["tasks"])}
-    for fam, a in cfg["ablations"].items():
-        df = pd.read_csv(ROOT / a["sweep"], sep="\t").assign(scale=lambda d: d.scale.astype(float))
-        for _, row in df.iterrows():
-            cell = f"rank~{row['rank']}_scale~{row['scale']}_fusion~{row['fusion']}"
-            evals |= {(t, "tflow", cell) for t in a["tasks"]}
-    cells = {c for _, m, c in evals if c != "none" and m != "static_lora"}
-    methods = {m for _, m, _ in evals}
+            evals |= {(t, m, "main" if needs(m) == "generator" else None) for t in fam.get("tasks", cfg["tasks"])}
+    from omegaconf import OmegaConf
+
+    from tflow.config import load_config
+
+    main_cfg = load_config([str(ROOT / p) for p in cfg["run_config"]], [f"{k}={v}" for k, v in cfg["main_cell"].items()])
+    main = lambda k: str(OmegaConf.select(main_cfg, k))  # noqa: E731
+    for a in cfg.get("ablations", {}).values():
+        df = pd.read_csv(ROOT / a["sweep"], sep="\t", dtype=str)
+        for row in df.to_dict("records"):
+            diff = tuple(sorted((k, v) for k, v in row.items() if not _same(v, main(k))))
+            evals |= {(t, "tflow", diff or "main") for t in a["tasks"]}
+    cells = {c for _, m, c in evals if c is not None}
+    trained = {m.partition("-")[0] for _, m, _ in evals if needs(m) == "trained"}
     return {"prepare_data": tasks, "cache_conditions": 1, "train_generator": len(cells) * seeds,
-            "train_static_lora": seeds if "static_lora" in methods else 0,
+            "train_method": len(trained) * seeds,
             "evaluate": len(evals) * (1 if cfg.get("eval_seeds_per_job") else seeds),
             "collect": 1, "stats": 1,
-            "make_table": len(specs["tables"]), "make_figure": len(specs["figures"]), "make_macros": 1,
-            "paper_pdf": int(shutil.which("latexmk") is not None), "all": 1}
+            "make_table": len({t["name"] for t in specs["tables"]} | set(cfg.get("ablations", {}))),
+            "make_figure": len({f["name"] for f in specs["figures"]} | set(cfg.get("ablations", {}))),
+            "make_macros": 1, "paper_pdf": int(shutil.which("latexmk") is not None), "all": 1}
+
+
+def _same(a: str, b: str) -> bool:
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return a == b
 
 
 def test_lint_is_clean():
@@ -117,6 +132,28 @@ def _write(tmp_path: Path, text: str) -> Path:
     return path
 
 
+def test_a_new_ablation_axis_is_one_tsv_and_one_config_entry(tmp_path):
+    """generator.depth as an axis: a TSV and an `ablations:` entry add its generators, evaluations, table and
+    figure to the DAG; no code, schema or paper spec changes, and no existing cell is renamed."""
+    (tmp_path / "depth.tsv").write_text("generator.depth\n1\n2\n")  # 2 = the main cell's depth
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    cfg["ablations"]["ablation_depth"] = {"sweep": str(tmp_path / "depth.tsv"), "tasks": ["gsm8k"]}
+    res = _snakemake("-n", "--forceall", "--quiet", "rules", "--cores", "2", "--directory", str(ROOT),
+                     "--configfile", str(_write(tmp_path, yaml.safe_dump(cfg))))
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out
+    specs = yaml.safe_load((ROOT / cfg["paper_specs"]).read_text())
+    before = _expected(yaml.safe_load((ROOT / "config" / "config.yaml").read_text()), specs)
+    after = _job_counts(out)
+    assert after == {**{k: v for k, v in _expected(cfg, specs).items() if v}, "total": after["total"]}, out
+    assert after["train_generator"] == before["train_generator"] + len(cfg["seeds"])  # one new cell
+    assert after["evaluate"] == before["evaluate"] + 1  # its gsm8k job; depth 2 is the main cell, already run
+    assert after["make_table"] == before["make_table"] + 1 and after["make_figure"] == before["make_figure"] + 1
+    res = _snakemake("results/cpu/generators/generator.depth~1/seed~0/generator.pt", "-n", "--forceall", "-p",
+                     "--directory", str(ROOT), "--configfile", str(tmp_path / "config.yaml"))
+    assert res.returncode == 0 and "generator.depth=1" in res.stdout + res.stderr, res.stdout + res.stderr
+
+
 def test_config_schema_rejects_unknown_keys(tmp_path):
     bad = _write(tmp_path, (ROOT / "config" / "config.yaml").read_text() + "seedz: [1]\n")
     res = _snakemake("-n", "--configfile", str(bad))
@@ -129,12 +166,21 @@ def test_run_config_typo_fails_at_dag_construction(tmp_path):
     assert res.returncode != 0 and "rnak" in res.stdout + res.stderr
 
 
-def test_bad_sweep_row_fails_naming_the_file(tmp_path):
+@pytest.mark.parametrize("table, words", [
+    ("fusion.name\nmean\nmedian\n", ["bad.tsv row 3", "fusion.name", "median"]),  # unknown registry name
+    ("lora.rank\n4\n8.5\n", ["bad.tsv row 3", "lora.rank", "8.5"]),  # not an integer
+    ("lora.rank\tlora.rnak\n8\t2\n", ["bad.tsv row 2", "lora.rnak"]),  # a column that is no run-config key
+    ("lora.alpha\nlarge\n", ["bad.tsv row 2", "lora.alpha", "large"]),  # not a number
+    ("lora.rank\n8\n8\n", ["bad.tsv row 3", "duplicates"]),
+    ("rank\n8\n", ["rank"]),  # not a run-config key path (sweep schema)
+])
+def test_bad_sweep_table_fails_naming_file_row_and_key(tmp_path, table, words):
     tsv = tmp_path / "bad.tsv"
-    tsv.write_text("rank\tscale\tfusion\n4\t1.0\tmedian\n")
+    tsv.write_text(table)
     text = (ROOT / "config" / "config.yaml").read_text().replace("config/sweeps/cpu/ablation_rank.tsv", str(tsv))
     res = _snakemake("-n", "--configfile", str(_write(tmp_path, text)))
-    assert res.returncode != 0 and "bad.tsv" in res.stdout + res.stderr and "median" in res.stdout + res.stderr
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and all(w in out for w in words), out
 
 
 def test_every_yaml_in_config_merges_into_its_schema():
@@ -159,15 +205,16 @@ def tiny_project(tmp_path_factory, tiny_tokenizer, data_dir):
     work = tmp_path_factory.mktemp("dag")
     layer = write_tiny_layer(work, tiny_tokenizer, data_dir, steps=2, batch_size=2, warmup_steps=1, log_every=1,
                              ckpt_every=1)
-    for fam in ("rank", "scale", "fusion"):
-        rows = {"rank": ["4\t1.0\tmean", "8\t1.0\tmean"], "scale": ["4\t0.5\tmean", "4\t1.0\tmean"],
-                "fusion": ["4\t1.0\tmean", "4\t1.0\tmax", "4\t1.0\tattention"]}[fam]
-        (work / f"{fam}.tsv").write_text("rank\tscale\tfusion\n" + "\n".join(rows) + "\n")
+    tables = {"rank": "lora.rank\tlora.alpha\n4\t8.0\n8\t16.0\n", "scale": "lora.alpha\n4.0\n8.0\n",
+              "fusion": "fusion.name\nmean\nmax\nattention\n"}
+    for fam, table in tables.items():
+        (work / f"{fam}.tsv").write_text(table)
     cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     cfg["families"] = {k: {**v, "tasks": ["gsm8k"]} for k, v in cfg["families"].items()}
     cfg.update(run_name="tiny", run_config=[str(layer)], seeds=[0, 1], tasks=["gsm8k"],
                overrides=TINY_OVERRIDES, n_boot=200, paper_specs=str(ROOT / "config" / "paper.yaml"),
-               eval={**cfg["eval"], "n": 3, "max_new_tokens": 4, "batch_size": 3, "message_tokens": 3},
+               eval={**cfg["eval"], "n": 3, "max_new_tokens": 4, "batch_size": 3},
+               method_overrides={"textmas-long": ["eval.message_tokens=3"]},
                ablations={f"ablation_{f}": {"sweep": str(work / f"{f}.tsv"), "tasks": ["gsm8k"]}
                           for f in ("rank", "scale", "fusion")})
     (work / "config.yaml").write_text(yaml.safe_dump(cfg))
@@ -203,6 +250,11 @@ def test_tiny_end_to_end_run_writes_every_artifact_then_does_nothing(tiny_projec
     assert "ablation_fusion" in stats and "tflow_shuffled" in stats
     again = _run_dag(work, "-n")
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr, again.stdout + again.stderr
+    report = _run_dag(work, "--report", str(work / "report.html"))
+    html = (work / "report.html").read_text(errors="replace") if (work / "report.html").is_file() else ""
+    assert report.returncode == 0 and len(html) > 10_000, report.stdout[-2000:] + report.stderr[-4000:]
+    for name in ["frontier.png", "main.tex", "cells.csv", "main.pdf" if shutil.which("latexmk") else "macros"]:
+        assert name in html, name
 
 
 @pytest.mark.slow
@@ -211,13 +263,13 @@ def test_editing_one_sweep_row_reruns_only_that_cell(tiny_project):
     if not (work / "results" / "tiny" / "stats" / "cells.csv").is_file():
         assert _run_dag(work).returncode == 0
     tsv = work / "rank.tsv"
-    tsv.write_text(tsv.read_text().replace("8\t1.0\tmean", "16\t1.0\tmean"))
+    tsv.write_text(tsv.read_text().replace("8\t16.0", "16\t32.0"))
     res = _run_dag(work, "-n", "--quiet", "rules")
     counts = _job_counts(res.stdout + res.stderr)
     assert res.returncode == 0
     assert counts["train_generator"] == 2, counts  # the new cell, both seeds
     assert counts["evaluate"] == 1, counts  # both seeds in one job (config.yaml: eval_seeds_per_job)
-    assert "cache_conditions" not in counts and "train_static_lora" not in counts
+    assert "cache_conditions" not in counts and "train_method" not in counts
     assert counts["collect"] == counts["stats"] == 1  # and the aggregates
 
 

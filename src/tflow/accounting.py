@@ -1,7 +1,8 @@
 """Accounting: tokens per agent (prompt and generated) and wall-clock per phase.
 
 "Processed tokens" of a method = every agent's prompt tokens + every agent's generated tokens
-(sender prefills count for TFlow), not only the receiver's.
+(sender prefills count for TFlow), not only the receiver's. Torch-free: the statistics and figures
+read `PHASES` from here.
 """
 from __future__ import annotations
 
@@ -10,9 +11,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from transformers.generation.streamers import BaseStreamer
-
-PHASES = ("sender_prefill", "generator", "receiver_prefill", "decode")
+# The phases a method's wall-clock time is split into, in pipeline order, with their display names.
+PHASES: dict[str, str] = {
+    "sender_prefill": "Sender prefill",
+    "sender_decode": "Sender messages (decode)",
+    "transform": "Cache transformation / edges",
+    "generator": r"Generator ($\Delta W$)",
+    "receiver_prefill": "Receiver prefill",
+    "decode": "Receiver decode",
+}
 
 
 @dataclass
@@ -26,6 +33,8 @@ class Accounting:
         t["generated"] += generated
 
     def add_seconds(self, phase: str, seconds: float) -> None:
+        if phase not in PHASES:
+            raise ValueError(f"unknown phase {phase!r}; phases are {list(PHASES)} (tflow.accounting.PHASES)")
         self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
 
     @contextlib.contextmanager
@@ -45,8 +54,8 @@ class Accounting:
                 "total_seconds": sum(self.seconds.values())}
 
 
-class PrefillTimer(BaseStreamer):
-    """A `generate(streamer=...)` hook that splits the receiver's time into prefill and decode:
+class PrefillTimer:
+    """A `generate(streamer=...)` object (transformers calls its put/end) that splits the receiver's time into prefill and decode:
     generate calls put() once with the prompt, then once per generated step."""
 
     def __init__(self) -> None:

@@ -3,13 +3,17 @@
 The stats frame (tflow.stats.summarize) has one row per (family, task, method, cell); the per-seed
 frame (tflow.stats.per_seed) one per seed. `load_specs` validates the YAML, `render_table` and
 `render_macros` return LaTeX whose first lines are a % provenance header (rule, inputs, config hash).
-Labels are escaped for LaTeX except inside $...$; captions are raw LaTeX. CLI:
-  python -m tflow.artifacts --stats S.csv --per-seed P.csv --specs config/paper.yaml \
-      [--tables-dir paper/tables [--only NAME]] [--macros paper/generated/macros.tex] --rule R --config-hash H
+Labels are escaped for LaTeX except inside $...$; captions are raw LaTeX. A spec's tasks default to the
+run's (`--tasks`); every ablation family of the run (`--ablations`) gets a table and a figure, from its
+spec in the YAML or, when it has none, a default one (so a new ablation axis needs no paper spec). CLI:
+  python -m tflow.artifacts --stats S.csv --per-seed P.csv --specs config/paper.yaml --tasks T [T ...] \
+      [--ablations FAMILY ...] [--tables-dir paper/tables [--only NAME]] [--macros paper/generated/macros.tex] \
+      [--ablation-tex paper/generated/ablations.tex] --rule R --config-hash H
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 from pathlib import Path
@@ -18,7 +22,6 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from tflow.stats import parse_cell
 
 METRICS = {"accuracy": ("acc_mean", r"Acc.\ (\%)"), "tokens": ("tokens_mean", "Tokens"),
            "seconds": ("seconds_mean", "Time (s)")}
@@ -28,12 +31,12 @@ TEST = (r"paired sign-flip permutation test over problems on seed-averaged diffe
         r"within the table; 95\% CIs: percentile bootstrap over problems")
 DIGITS = "Zero One Two Three Four Five Six Seven Eight Nine".split()
 LABEL_MAPS = ("method_labels", "task_labels", "param_labels")
-TABLE_KEYS = ({"name", "family", "caption", "columns"},
+TABLE_KEYS = ({"name", "family", "caption"},
               {"rows", "row_by", "method", "param", "cells", "order", "baseline", "baseline_mark",
-               "fallback_family", "drop_empty"})
-FIGURE_KEYS = ({"name", "kind", "family", "tasks"},
-               {"title", "methods", "method", "param", "categorical", "order", "xscale", "cells"})
-FIGURE_KINDS = {"frontier": {"methods"}, "ablation": {"param"}, "phase_time": {"methods"}}
+               "fallback_family", "drop_empty", "columns"})
+FIGURE_KEYS = ({"name", "kind", "family"},
+               {"title", "methods", "method", "param", "categorical", "order", "xscale", "cells", "tasks"})
+FIGURE_KINDS = {"frontier": {"methods"}, "ablation": set(), "phase_time": {"methods"}}
 _ESC = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
         "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "<": r"\textless{}",
         ">": r"\textgreater{}"}
@@ -49,15 +52,21 @@ def _check(obj, where, required, optional=()):
         raise ValueError(f"{where}: missing field(s) {missing}")
 
 
-def load_specs(path) -> dict:
-    """Read and validate the paper specs; fills defaults (row_by, metrics). ValueError names spec and key."""
+def load_specs(path, ablations=(), tasks=None) -> dict:
+    """Read and validate the paper specs; fills defaults (row_by, metrics, tasks when `tasks` is given) and
+    adds a table and a figure for every ablation family in `ablations` that the YAML does not spell out.
+    ValueError names the spec and key."""
     specs = yaml.safe_load(Path(path).read_text()) or {}
     _check(specs, str(path), (), {"tables", "figures", "macros", *LABEL_MAPS})
     for key in LABEL_MAPS:
         if not isinstance(specs.setdefault(key, {}) or {}, dict):
             raise ValueError(f"{path}: key {key!r} must map names to labels")
+    for kind in ("table", "figure"):
+        specs[f"{kind}s"] = specs.get(f"{kind}s") or []
+        have = {s.get("name") for s in specs[f"{kind}s"] if isinstance(s, dict)}
+        specs[f"{kind}s"] += [ablation_spec(kind, fam) for fam in ablations if fam not in have]
     for kind, (req, opt) in (("table", TABLE_KEYS), ("figure", FIGURE_KEYS)):
-        names, specs[f"{kind}s"] = set(), specs.get(f"{kind}s") or []
+        names = set()
         for i, s in enumerate(specs[f"{kind}s"]):
             where = f"{kind} spec {s.get('name', f'#{i}')!r}" if isinstance(s, dict) else f"{kind} spec #{i}"
             _check(s, where, req, opt)
@@ -65,15 +74,20 @@ def load_specs(path) -> dict:
                 raise ValueError(f"{where}: key 'name' must be a unique file stem")
             names.add(s["name"])
             if kind == "table":
-                _check(s["columns"], f"{where}: columns", {"tasks"}, {"metrics"})
+                s.setdefault("columns", {})
+                _check(s["columns"], f"{where}: columns", (), {"tasks", "metrics"})
+                if tasks is not None:
+                    s["columns"].setdefault("tasks", list(tasks))
                 if bad := set(s["columns"].setdefault("metrics", ["accuracy"])) - set(METRICS):
                     raise ValueError(f"{where}: key 'columns.metrics' has unknown metric(s) {sorted(bad)}")
-                need = {"method": "rows", "cell": "param"}.get(s.setdefault("row_by", "method"))
-                if need is None:
+                need = {"method": "rows", "cell": None}.get(s.setdefault("row_by", "method"), "row_by")
+                if need == "row_by":
                     raise ValueError(f"{where}: key 'row_by' must be 'method' or 'cell'")
             else:
                 if s["kind"] not in FIGURE_KINDS:
                     raise ValueError(f"{where}: key 'kind' must be one of {sorted(FIGURE_KINDS)}")
+                if tasks is not None:
+                    s.setdefault("tasks", list(tasks))
                 need = next(iter(FIGURE_KINDS[s["kind"]] - set(s)), None)
             if need and not s.get(need):
                 raise ValueError(f"{where}: missing field '{need}'")
@@ -92,6 +106,34 @@ def load_specs(path) -> dict:
             if bad or not re.fullmatch(r"[A-Za-z]*", str(m.get("prefix", m.get("name", "")))):
                 raise ValueError(f"{where}: bad metric {sorted(bad)} or non-letter prefix/name")
     return specs
+
+
+def ablation_spec(kind: str, family: str) -> dict:
+    """The default table or figure of an ablation family the paper specs do not spell out."""
+    if kind == "table":
+        return {"name": family, "family": family, "row_by": "cell", "method": "tflow", "drop_empty": True,
+                "caption": f"Ablation {escape(family)}: TFlow's accuracy (\\%) in each cell, the other settings at "
+                           "the main cell's values."}
+    return {"name": family, "kind": "ablation", "family": family, "method": "tflow", "title": f"Ablation {family}"}
+
+
+def cell_params(row) -> dict:
+    """The swept run-config values of a stats row's cell ({key: value}, in the sweep table's column order)."""
+    raw = None if row is None else row.get("cell_params")
+    return json.loads(raw) if isinstance(raw, str) and raw else {}
+
+
+def swept_keys(rows: pd.DataFrame, spec: dict) -> list[str]:
+    """The keys an ablation spec shows: its `param`, else every key its family's cells sweep."""
+    if spec.get("param"):
+        return [spec["param"]]
+    return list(dict.fromkeys(k for _, r in rows.iterrows() for k in cell_params(r)))
+
+
+def cell_label(row, keys: list[str]) -> str:
+    """A cell's values of `keys`, joined with ' / ' (the cell name when it has none)."""
+    values = cell_params(row)
+    return " / ".join(str(values[k]) for k in keys) if all(k in values for k in keys) and keys else str(row["cell"])
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -142,9 +184,11 @@ def table_rows(stats, spec, specs):
     fam, tasks = spec["family"], list(spec["columns"]["tasks"])
     if spec["row_by"] == "cell":
         d = stats[(stats.family == fam) & (stats.method == spec.get("method", "tflow"))]
-        cells = [c for c in dict.fromkeys(d.cell.astype(str)) if not spec.get("cells") or c in spec["cells"]]
-        cells.sort(key=lambda c: order_key(parse_cell(c).get(spec["param"], c), spec.get("order")))
-        rows = [(c, escape(parse_cell(c).get(spec["param"], c)),
+        keys = swept_keys(d, spec)
+        first = {c: d[d.cell.astype(str) == c].iloc[0] for c in dict.fromkeys(d.cell.astype(str))}
+        cells = [c for c in first if not spec.get("cells") or c in spec["cells"]]
+        cells.sort(key=lambda c: tuple(order_key(cell_params(first[c]).get(k, c), spec.get("order")) for k in keys))
+        rows = [(c, escape(cell_label(first[c], keys)),
                  {t: (select(d, fam, d.method.iloc[0], t, [c]), False) for t in tasks}) for c in cells]
     else:
         rows = []
@@ -207,7 +251,9 @@ def render_table(stats: pd.DataFrame, spec: dict, provenance: dict, specs: dict 
     ncol = len(tasks) * len(metrics)  # shrunk to the line width only when wider (\width: natural width)
     lines += [r"\resizebox{\ifdim\width>\linewidth\linewidth\else\width\fi}{!}{%",
               r"\begin{tabular}{l" + "r" * ncol + "}", r"\toprule"]
-    first = label(specs, "param", spec["param"]) if spec["row_by"] == "cell" else "Method"
+    first = (" / ".join(label(specs, "param", k) for k in swept_keys(
+        stats[(stats.family == spec["family"]) & (stats.method == spec.get("method", "tflow"))], spec))
+        if spec["row_by"] == "cell" else "Method")
     tl = [label(specs, "task", t) for t in tasks]
     if len(metrics) > 1:
         k = len(metrics)
@@ -241,8 +287,11 @@ def _caption(stats, spec, specs, rows, tasks, base, base_shown):
     seeds = sorted({int(r["n_seeds"]) for r in used if finite(r["n_seeds"])})
     probs = ", ".join(f"{label(specs, 'task', t)} {_num(v)}" for t, v in n.items() if v is not None) or "--"
     nseed = "--" if not seeds else str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}--{seeds[-1]}"
+    base_row = next((r for _, _, f in rows for r, _ in f.values() if r is not None and str(r["cell"]) == str(base)),
+                    None)
     base_label = ("the baseline" if base is None else label(specs, "method", base) if spec["row_by"] == "method"
-                  else f"{label(specs, 'param', spec['param'])} = {escape(parse_cell(base).get(spec['param']))}")
+                  else "the main cell (" + ", ".join(f"{label(specs, 'param', k)} = {escape(v)}"
+                                                     for k, v in cell_params(base_row).items()) + ")")
     ref = f" {escape(spec.get('baseline_mark', '(ref.)').strip())} marks the baseline row." if base_shown else ""
     return (f"{str(spec['caption']).strip()} Problems per task: {probs}; seeds: {nseed}. {SIG_MARK}: accuracy "
             rf"differs from {base_label} at $p_{{\mathrm{{Holm}}}} < {ALPHA}$ ({TEST}).{ref}")
@@ -265,7 +314,10 @@ def macro_value(metric, x) -> str:
 
 
 def macro_definitions(stats: pd.DataFrame, specs: dict) -> dict:
-    """Ordered {name: value}; a name produced twice with different values raises ValueError."""
+    """Ordered {name: value}; a name produced twice with different values raises ValueError. Macros exist for
+    every registered task (the prose may name tasks this run lacks; their values are '--')."""
+    from tflow.tasks import TASKS
+
     out = {}
 
     def put(name, value):
@@ -275,26 +327,29 @@ def macro_definitions(stats: pd.DataFrame, specs: dict) -> dict:
 
     tables = {t["name"]: t for t in specs.get("tables", [])}
     macros = specs.get("macros") or {}
+    every = lambda spec: {**spec, "columns": {**spec.get("columns", {}), "tasks": list(  # noqa: E731
+        dict.fromkeys([*spec.get("columns", {}).get("tasks", []), *TASKS]))}}
     for entry in macros.get("values") or []:
-        spec, prefix = tables[entry["table"]], entry.get("prefix", "")
+        spec, prefix = every(tables[entry["table"]]), entry.get("prefix", "")
         rows, tasks = table_rows(stats, spec, specs)
         for key, _, found in rows:
-            tail = camel(spec.get("method", "tflow")) + camel(spec["param"]) + camel(
-                parse_cell(key).get(spec["param"], key)) if spec["row_by"] == "cell" else camel(key)
+            some = next((r for r, _ in found.values() if r is not None), None)
+            tail = camel(spec.get("method", "tflow")) + "".join(camel(k) + camel(v) for k, v in cell_params(
+                some).items()) if spec["row_by"] == "cell" else camel(key)
             for t in tasks:
                 for m in entry["metrics"]:
                     r = found[t][0]
                     val = None if r is None or (found[t][1] and m in ("delta", "pholm")) else r.get(MACRO_METRICS[m])
                     put((prefix + m.capitalize() if prefix else m) + camel(t) + tail, macro_value(m, val))
     for entry in macros.get("ratios") or []:
-        spec = tables[entry["table"]]
+        spec = every(tables[entry["table"]])
         col = MACRO_METRICS[entry["metric"]]
         for t in spec["columns"]["tasks"]:
             num, den = (select(stats, spec["family"], entry[k], t, spec.get("cells"))
                         for k in ("numerator", "denominator"))
             ok = num is not None and den is not None and finite(num.get(col)) and finite(den.get(col)) and den[col] != 0
             put(entry["name"] + camel(t), f"{num[col] / den[col]:.{entry.get('digits', 2)}f}" if ok else "--")
-    for t in dict.fromkeys(t for s in tables.values() for t in s["columns"]["tasks"]):
+    for t in dict.fromkeys([*(t for s in tables.values() for t in s["columns"].get("tasks", [])), *TASKS]):
         n = stats.loc[stats.task == t, "n_problems"].dropna()
         put("nProblems" + camel(t), _num(n.max()) if len(n) else "--")
     put("nSeeds", str(int(stats.n_seeds.max())) if len(stats.n_seeds.dropna()) else "--")
@@ -311,18 +366,38 @@ def read_frame(path) -> pd.DataFrame | None:
     return None if path is None else pd.read_csv(path, dtype={"cell": str})
 
 
+def render_ablation_tex(specs: dict, families: list[str], provenance: dict) -> str:
+    """LaTeX that places every ablation family's table and figure (paper/main.tex inputs it)."""
+    tables = {t["family"]: t for t in specs["tables"] if t.get("row_by") == "cell"}
+    figs = {f["family"]: f for f in specs["figures"] if f["kind"] == "ablation"}
+    out = [header(provenance, "ablation section body")]
+    for fam in families:
+        if fam in tables:
+            out.append(f"\\input{{tables/{tables[fam]['name']}}}")
+        if fam in figs:
+            f = figs[fam]
+            out += [r"\begin{figure}[t]", r"  \centering", f"  \\includegraphics[width=\\linewidth]{{figures/{f['name']}.pdf}}",
+                    f"  \\caption{{{escape(f.get('title') or fam)}: accuracy in each cell, mean over seeds with its 95\\% "
+                    "bootstrap CI; seeds as points.}", f"  \\label{{fig:{f['name']}}}", r"\end{figure}"]
+    if not families:
+        out.append("This run sweeps no ablation cells.")
+    return "\n".join(out) + "\n"
+
+
 def main(argv=None) -> None:
     from tflow.utils import write_text_atomic
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for flag, kw in [("--stats", {"required": True}), ("--per-seed", {}), ("--specs", {"required": True}),
-                     ("--tables-dir", {}), ("--macros", {}), ("--rule", {"default": "manual"}),
-                     ("--config-hash", {"default": "unknown"}), ("--only", {"help": "write only this table"})]:
+                     ("--tables-dir", {}), ("--macros", {}), ("--ablation-tex", {}), ("--rule", {"default": "manual"}),
+                     ("--config-hash", {"default": "unknown"}), ("--only", {"help": "write only this table"}),
+                     ("--tasks", {"nargs": "+", "required": True, "help": "the run's tasks (specs default to them)"}),
+                     ("--ablations", {"nargs": "*", "default": [], "help": "the run's ablation families"})]:
         ap.add_argument(flag, **kw)
     a = ap.parse_args(argv)
-    if not (a.tables_dir or a.macros) or (a.only and not a.tables_dir):
-        ap.error("give --tables-dir (optionally with --only) and/or --macros")
-    specs, stats, per_seed = load_specs(a.specs), read_frame(a.stats), read_frame(a.per_seed)
+    if not (a.tables_dir or a.macros or a.ablation_tex) or (a.only and not a.tables_dir):
+        ap.error("give --tables-dir (optionally with --only), --macros and/or --ablation-tex")
+    specs, stats, per_seed = load_specs(a.specs, a.ablations, a.tasks), read_frame(a.stats), read_frame(a.per_seed)
     prov = {"generated_by": "tflow.artifacts", "rule": a.rule, "config_hash": a.config_hash,
             "inputs": [p for p in (a.stats, a.per_seed, a.specs) if p]}
     if a.tables_dir:
@@ -335,6 +410,9 @@ def main(argv=None) -> None:
     if a.macros:
         write_text_atomic(a.macros, render_macros(stats, specs, prov))
         print(f"wrote {a.macros}")
+    if a.ablation_tex:
+        write_text_atomic(a.ablation_tex, render_ablation_tex(specs, a.ablations, prov))
+        print(f"wrote {a.ablation_tex}")
 
 
 if __name__ == "__main__":

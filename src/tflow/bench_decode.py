@@ -41,10 +41,9 @@ from tflow.data import load_gsm8k
 from tflow.errors import cli
 from tflow.fusion import LoraDelta, ModuleDelta
 from tflow.lora import TransientLoRA
-from tflow.models import target_linears
-from tflow.pipeline import load_backbones
+from tflow.models import DTYPES, load_backbones, target_linears
 from tflow.stats import median_ci
-from tflow.utils import DTYPES, atomic_path, provenance, write_json_atomic
+from tflow.utils import atomic_path, provenance, write_json_atomic
 
 
 # Architectures for --arch (random weights; the published configs' shapes).

@@ -15,15 +15,13 @@ from typing import Sequence
 
 import pandas as pd
 
+from tflow.experiment import dag_name
 from tflow.utils import write_text_atomic
 
 
 def label(m: dict) -> str:
-    """The method's display name: textmas carries its preset (and message budget when overridden)."""
-    ev = m["config"]["eval"]
-    if m["method"] != "textmas":
-        return m["method"]
-    return f"textmas-{ev['textmas_preset']}" + (f"-{ev['message_tokens']}" if ev.get("message_tokens") else "")
+    """The run's DAG method name (e.g. textmas-short48: the method and the preset its config matches)."""
+    return dag_name(m["method"], m["config"])
 
 
 def collect(root: str | Path) -> pd.DataFrame:
@@ -58,6 +56,7 @@ def records_frame(manifest: Sequence[dict]) -> pd.DataFrame:
         for tid in m["data"]["task_ids"]:
             r = by_id[tid]
             row = {k: entry[k] for k in ("family", "task", "method", "cell", "seed")}
+            row["cell_params"] = entry.get("cell_params", "{}")
             row.update(task_id=tid, correct=bool(r["correct"]), processed_tokens=r["processed_tokens"],
                        seconds=sum(r["seconds"].values()), truncated=bool(r["truncated"]))
             if isinstance(r.get("detail"), dict) and "base" in r["detail"]:

@@ -72,7 +72,7 @@ class GeneratorConfig:
 
 @dataclass
 class FusionConfig:
-    name: str = "mean"  # mean | max | attention (see tflow.fusion.FUSIONS)
+    name: str = "mean"  # mean | max | attention (tflow.registry.FUSIONS)
     gate_width: int = 64  # attention fusion: width of the query/key projections
 
 
@@ -107,12 +107,12 @@ class TrainConfig:
 class EvalConfig:
     """One evaluation run: a method on a (subset of a) benchmark (see tflow.evaluate)."""
 
-    task: str = "gsm8k"  # gsm8k | math500 | mmlu_redux | humanevalplus | mbppplus
+    task: str = "gsm8k"  # tflow.tasks.TASKS: gsm8k | math500 | mmlu_redux | humanevalplus | mbppplus
     source: str = "offline"  # offline (shared data folder / packages) | hub (datasets / evalplus downloads)
     n: Optional[int] = None  # problems in the subset (seeded by subset_seed); None = the whole set
     subset_seed: int = 0
-    method: str = "single"  # see tflow.methods.METHODS
-    checkpoint: Optional[str] = None  # generator.pt (tflow methods) or adapter folder (static_lora)
+    method: str = "single"  # tflow.methods.METHODS
+    checkpoint: Optional[str] = None  # generator.pt (needs="generator") or a trained folder (needs="trained")
     max_new_tokens: int = 512  # the receiver's budget; hitting it is recorded as truncated
     do_sample: bool = False  # greedy by default
     temperature: float = 0.6
@@ -168,27 +168,32 @@ def _describe(err: OmegaConfBaseException) -> str:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Semantic checks the schema cannot express (registries, ranges)."""
-    from tflow.fusion import FUSIONS
-    from tflow.agents import ROLES
-    from tflow_kernels import BACKENDS
+    """Semantic checks the schema cannot express: names (each registry checks its own) and ranges."""
+    from tflow.data import SOURCES
+    from tflow.methods import METHODS, TEXTMAS_PRESETS
+    from tflow.prompts import ROLES
+    from tflow.registry import BACKENDS, FUSIONS
+    from tflow.tasks import TASKS
 
     def need(ok: bool, key: str, msg: str) -> None:
         if not ok:
             raise ConfigError(f"key '{key}': {msg}")
 
-    need(cfg.fusion.name in FUSIONS, "fusion.name", f"unknown fusion {cfg.fusion.name!r}; choose from {sorted(FUSIONS)}")
-    need(cfg.backend in BACKENDS, "backend", f"unknown backend {cfg.backend!r}; choose from {sorted(BACKENDS)}")
+    FUSIONS.check(cfg.fusion.name)
+    BACKENDS.check(cfg.backend)
+    for name in cfg.agents.senders:
+        ROLES.check(name, "agents.senders")
+    ROLES.check(cfg.agents.receiver, "agents.receiver")
+    for name in cfg.data.sources:
+        SOURCES.check(name)
+    TASKS.check(cfg.eval.task)
+    METHODS.check(cfg.eval.method)
     need(cfg.lora.rank >= 1, "lora.rank", "must be >= 1")
     need(cfg.lora.factor_dtype in ("float32", "bfloat16"), "lora.factor_dtype", "must be float32 or bfloat16")
     need(len(cfg.lora.targets) > 0, "lora.targets", "needs at least one module name")
     bad = [t for t in cfg.lora.targets if t not in ALL_PROJECTIONS]
     need(not bad, "lora.targets", f"unknown projections {bad}; choose from {ALL_PROJECTIONS}")
     need(len(cfg.agents.senders) >= 1, "agents.senders", "needs at least one sender role")
-    for key in ["agents.senders", "agents.receiver"]:
-        names = OmegaConf.select(cfg, key)
-        for name in [names] if isinstance(names, str) else names:
-            need(name in ROLES, key, f"unknown role {name!r}; choose from {sorted(ROLES)}")
     need(cfg.generator.width % cfg.generator.heads == 0, "generator.width", "must be divisible by generator.heads")
     need(cfg.generator.tile_size >= 1, "generator.tile_size", "must be >= 1")
     for b, key in [(cfg.model.receiver, "model.receiver"), (cfg.model.sender, "model.sender")]:
@@ -196,15 +201,8 @@ def validate(cfg: DictConfig) -> None:
             continue
         need(b.source in ("asset", "hub", "path"), f"{key}.source", "must be asset, hub or path")
         need(b.dtype in ("float32", "bfloat16", "float16"), f"{key}.dtype", "must be float32, bfloat16 or float16")
-    unknown = [s for s in cfg.data.sources if s not in ("gsm8k", "math", "reasoning_gym")]
-    need(not unknown, "data.sources", f"unknown sources {unknown}; choose from gsm8k, math, reasoning_gym")
     need(cfg.train.steps >= 1 and cfg.train.batch_size >= 1, "train", "steps and batch_size must be >= 1")
-    from tflow.methods import METHODS, TEXTMAS_PRESETS
-    from tflow.tasks import TASKS
-
     ev = cfg.eval
-    need(ev.task in TASKS, "eval.task", f"unknown task {ev.task!r}; choose from {sorted(TASKS)}")
-    need(ev.method in METHODS, "eval.method", f"unknown method {ev.method!r}; choose from {sorted(METHODS)}")
     need(ev.source in ("offline", "hub"), "eval.source", "must be offline or hub")
     need(ev.n is None or ev.n >= 1, "eval.n", "must be >= 1 (or null for the whole set)")
     need(ev.max_new_tokens >= 1 and ev.batch_size >= 1, "eval", "max_new_tokens and batch_size must be >= 1")

@@ -16,9 +16,10 @@ import re
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from tflow.errors import DataError
+from tflow.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -176,14 +177,20 @@ def eval_questions(names: Iterable[str], data_dir: str | Path) -> list[str]:
     return out
 
 
+Loader = Callable[[Any, int], "tuple[list[Problem], dict[str, Any]]"]
+SOURCES: Registry[Loader] = Registry("training data source", "data.sources", {  # (data config, seed) -> problems
+    "gsm8k": lambda cfg, seed: load_gsm8k(cfg.data_dir, "train"),
+    "math": lambda cfg, seed: load_math_train(),
+    "reasoning_gym": lambda cfg, seed: load_reasoning_gym(cfg.reasoning_gym_size, seed),
+})
+
+
 def training_set(data_cfg: Any, seed: int) -> TrainingSet:
     """The configured training problems, decontaminated, in a seeded order."""
-    loaders = {"gsm8k": lambda: load_gsm8k(data_cfg.data_dir, "train"), "math": load_math_train,
-               "reasoning_gym": lambda: load_reasoning_gym(data_cfg.reasoning_gym_size, seed)}
     evals = eval_questions(data_cfg.decontaminate_against, data_cfg.data_dir)
     problems, sources, removed = [], {}, {"exact": 0, "ngram": 0}
     for name in data_cfg.sources:
-        items, info = loaders[name]()
+        items, info = SOURCES[name](data_cfg, seed)
         if data_cfg.per_source_limit:
             items = random.Random(f"{seed}/{name}").sample(items, min(len(items), data_cfg.per_source_limit))
         kept, rm = decontaminate(items, evals, data_cfg.ngram)

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from tflow.config import config_hash, load_config, to_yaml
 from tflow.errors import ConfigError, cli
 from tflow.methods import build_method
-from tflow.pipeline import shared_backbones
+from tflow.models import shared_backbones
 from tflow.tasks import get_task, subset
 from tflow.utils import discard_stale, provenance, seed_everything, write_json_atomic, write_text_atomic
 

@@ -7,7 +7,7 @@ per-phase seconds per problem per method, a panel per task). Each figure is writ
 and a PNG of the same stem, atomically, with the provenance (rule, inputs, config hash) as metadata.
 A spec without data fails naming the spec and what is missing. CLI:
   python -m tflow.figures --stats S.csv --per-seed P.csv --specs config/paper.yaml --out-dir paper/figures \
-      --rule R --config-hash H [--only NAME]
+      --tasks T [T ...] [--ablations FAMILY ...] --rule R --config-hash H [--only NAME]
 """
 from __future__ import annotations
 
@@ -24,14 +24,13 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from tflow.artifacts import finite, label, load_specs, order_key, parse_cell, read_frame  # noqa: E402
+from tflow.accounting import PHASES as PHASE_NAMES  # noqa: E402
+from tflow.artifacts import cell_params, finite, label, load_specs, order_key, read_frame, swept_keys  # noqa: E402
 from tflow.utils import atomic_path  # noqa: E402
 
 OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
 MARKERS = "osD^vP*X"
-PHASES = {"s_sender_prefill_mean": "Sender prefill", "s_sender_decode_mean": "Sender messages (decode)",
-          "s_generator_mean": r"Generator ($\Delta W$)", "s_receiver_prefill_mean": "Receiver prefill",
-          "s_decode_mean": "Receiver decode"}
+PHASES = {f"s_{phase}_mean": name for phase, name in PHASE_NAMES.items()}  # stats column -> legend
 
 
 class FigureDataError(ValueError):
@@ -106,19 +105,26 @@ def frontier(stats, per_seed, spec, specs):
 
 
 def ablation(stats, per_seed, spec, specs):
-    method, param, order = spec.get("method", "tflow"), spec["param"], spec.get("order")
+    """Accuracy against the first swept key of the family (or `param`); non-numeric values are categories."""
+    method, order = spec.get("method", "tflow"), spec.get("order")
     fig, panels = _panels(spec, stats, specs, lambda t: len(_rows(stats, spec, method, t).dropna(subset=["acc_mean"])))
+    family = stats[(stats.family == spec["family"]) & (stats.method == method)]
+    param = next(iter(swept_keys(family, spec)), None)
+    values = {str(r["cell"]): cell_params(r).get(param) for _, r in family.iterrows()}
+    categorical = spec.get("categorical")
+    if categorical is None:  # numbers on a numeric axis, names as categories
+        categorical = not all(_is_number(v) for v in values.values())
     for ax, t in panels:
         d = _rows(stats, spec, method, t).dropna(subset=["acc_mean"]).copy()
-        d["value"] = [parse_cell(c).get(param) for c in d.cell.astype(str)]
+        d["value"] = [values.get(c) for c in d.cell.astype(str)]
         if d.value.isna().any():
             raise FigureDataError(f"figure spec {spec['name']!r}: cells {list(d.cell[d.value.isna()])} of task {t!r} "
                                   f"have no parameter {param!r}")
         d = d.iloc[sorted(range(len(d)), key=lambda i: order_key(d.value.iloc[i], order))]
-        pos = {v: (i if spec.get("categorical") else float(v)) for i, v in enumerate(d.value)}
+        pos = {v: (i if categorical else float(v)) for i, v in enumerate(d.value)}
         x = np.array([pos[v] for v in d.value])
         y, lo, hi = 100 * d.acc_mean.to_numpy(), 100 * d.acc_ci_low.to_numpy(), 100 * d.acc_ci_high.to_numpy()
-        if spec.get("categorical"):
+        if categorical:
             ax.errorbar(x, y, yerr=[y - lo, hi - y], fmt="o", color=OKABE_ITO[0], capsize=4, label="mean (95% CI)")
         else:
             ax.plot(x, y, "o-", color=OKABE_ITO[0], label="mean over seeds")
@@ -127,11 +133,11 @@ def ablation(stats, per_seed, spec, specs):
             s = per_seed[(per_seed.family == spec["family"]) & (per_seed.method == method) & (per_seed.task == t)]
             s = s[s.cell.astype(str).isin(d.cell.astype(str))]
             if len(s):
-                xs = np.array([pos[parse_cell(c).get(param)] for c in s.cell.astype(str)])
-                jit = (np.arange(len(s)) % 5 - 2) * 0.03 if spec.get("categorical") else 0.0
+                xs = np.array([pos[values[c]] for c in s.cell.astype(str)])
+                jit = (np.arange(len(s)) % 5 - 2) * 0.03 if categorical else 0.0
                 ax.scatter(xs + jit, 100 * s.accuracy, s=14, color=OKABE_ITO[1], marker="D", alpha=0.8,
                            zorder=3, label="seed")
-        if spec.get("categorical"):
+        if categorical:
             ax.set_xticks(list(pos.values()), list(pos))
         elif spec.get("xscale") in ("log", "log2"):
             ax.set_xscale("log", base=2 if spec["xscale"] == "log2" else 10)
@@ -173,6 +179,14 @@ def phase_time(stats, per_seed, spec, specs):
     return fig
 
 
+def _is_number(value) -> bool:
+    try:
+        float(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
 KINDS = {"frontier": frontier, "ablation": ablation, "phase_time": phase_time}
 
 
@@ -206,8 +220,10 @@ def main(argv=None) -> None:
     ap.add_argument("--rule", default="manual")
     ap.add_argument("--config-hash", default="unknown")
     ap.add_argument("--only", help="write only this figure")
+    ap.add_argument("--tasks", nargs="+", required=True, help="the run's tasks (specs default to them)")
+    ap.add_argument("--ablations", nargs="*", default=[], help="the run's ablation families")
     a = ap.parse_args(argv)
-    specs, stats, per_seed = load_specs(a.specs), read_frame(a.stats), read_frame(a.per_seed)
+    specs, stats, per_seed = load_specs(a.specs, a.ablations, a.tasks), read_frame(a.stats), read_frame(a.per_seed)
     todo = [f for f in specs["figures"] if a.only in (None, f["name"])]
     if not todo:
         ap.error(f"no figure spec named {a.only!r} in {a.specs}")

@@ -1,4 +1,4 @@
-"""Fusion of the senders' generated LoRAs into one per-row delta (a registry keyed by config name).
+"""Fusion of the senders' generated LoRAs into one per-row delta (registered in `tflow.registry.FUSIONS`).
 
 - `mean` (TFlow): delta = sum_s (1/S) * scale * x A_s^T B_s^T, a mean of delta-W (not of A, B).
 - `attention`: the same sum with per-query weights softmax_s(q(receiver) . k(sender_s)), where q
@@ -67,9 +67,6 @@ class MaxFusion(Fusion):
 
     def __init__(self, width: int, receiver_dim: int, gate_width: int):
         super().__init__()
-
-
-FUSIONS: dict[str, type[Fusion]] = {"mean": MeanFusion, "attention": AttentionFusion, "max": MaxFusion}
 
 
 def fuse(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], fusion: Fusion, summary: torch.Tensor,

@@ -24,9 +24,8 @@ from tflow.agents import receiver_batch, sender_states
 from tflow.config import load_config
 from tflow.errors import cli
 from tflow.lora import TransientLoRA
-from tflow.models import target_linears
-from tflow.pipeline import delta_for, load_backbones, load_generator, read_checkpoint, zero_delta_like
-from tflow.utils import DTYPES
+from tflow.models import DTYPES, load_backbones, target_linears
+from tflow.pipeline import delta_for, load_generator, read_checkpoint, zero_delta_like
 
 
 @dataclass

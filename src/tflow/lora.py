@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from tflow.fusion import LoraDelta
-from tflow_kernels import BACKENDS
+from tflow.registry import BACKENDS
 
 _MISSING = object()
 _MARK = "_tflow_transient"  # attribute set on our wrappers
@@ -34,7 +34,7 @@ class TransientLoRA:
         unknown = set(delta.modules) - set(linears)
         if unknown:
             raise KeyError(f"delta has modules the receiver lacks: {sorted(unknown)[:5]}")
-        self.linears, self.delta, self.backend = linears, delta, BACKENDS[backend]
+        self.linears, self.delta, self.backend = linears, delta, BACKENDS.load(backend)
         self.factor_dtype = factor_dtype
         self.patched: list[tuple[nn.Module, Any]] = []  # (module, its instance-level forward before, or _MISSING)
 

@@ -6,6 +6,7 @@ converted safetensors folder (~2 s instead of ~20 s).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -14,15 +15,18 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from tflow.errors import AssetError
-from tflow.utils import DTYPES, sha256_file
+from tflow.utils import sha256_file
 
 log = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -166,6 +170,48 @@ def load_backbone(cfg: DictConfig, cache_dir: str | Path) -> Backbone:
     if tokenizer.chat_template is None:
         raise AssetError(f"backbone {ident} has no chat template; TFlow's role prompts need one")
     return Backbone(model=model, tokenizer=tokenizer, ident=ident)
+
+
+_SHARED: dict[str, tuple[Backbone, Backbone, int]] | None = None  # inside shared_backbones(): key -> loaded pair
+
+
+def _footprint(model: nn.Module) -> int:
+    """Modules plus hooks and instance-level forwards on Linears: an injected adapter or a transient LoRA
+    left attached changes it (transformers itself adds output-capturing hooks to decoder layers on first
+    use, never to Linears)."""
+    return sum(1 + (len(m._forward_hooks) + len(m._forward_pre_hooks) + ("forward" in m.__dict__)
+                    if isinstance(m, nn.Linear) else 0) for m in model.modules())
+
+
+@contextlib.contextmanager
+def shared_backbones() -> Iterator[None]:
+    """Inside, `load_backbones` hands out the same frozen backbones for the same `model` config (runs one
+    after another in one process: `evaluate --each`). Reuse checks that the previous run left the model as
+    loaded (no hook, no injected module) and fails loudly otherwise; a method that wraps the model in
+    place (static_lora's peft adapter) must not run inside."""
+    global _SHARED
+    _SHARED = {}
+    try:
+        yield
+    finally:
+        _SHARED = None
+
+
+def load_backbones(cfg: DictConfig) -> tuple[Backbone, Backbone]:
+    """(receiver, sender); the sender is the receiver's instance unless `model.sender` is set."""
+    if cfg.model.threads:
+        torch.set_num_threads(cfg.model.threads)
+    key = json.dumps(OmegaConf.to_container(cfg.model, resolve=True), sort_keys=True)
+    if _SHARED is not None and key in _SHARED:
+        receiver, sender, footprint = _SHARED[key]
+        if _footprint(receiver.model) + _footprint(sender.model) != footprint:
+            raise RuntimeError("a previous run left hooks, wrapped forwards or modules on the shared backbones; run it alone")
+        return receiver, sender
+    receiver = load_backbone(cfg.model.receiver, cfg.model.cache_dir)
+    sender = receiver if cfg.model.sender is None else load_backbone(cfg.model.sender, cfg.model.cache_dir)
+    if _SHARED is not None:
+        _SHARED[key] = (receiver, sender, _footprint(receiver.model) + _footprint(sender.model))
+    return receiver, sender
 
 
 def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:

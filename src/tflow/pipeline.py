@@ -2,11 +2,9 @@
 plus generator checkpoints that refuse to load against the wrong receiver or architecture."""
 from __future__ import annotations
 
-import contextlib
-import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -14,9 +12,10 @@ from torch import nn
 
 from tflow.agents import Conditions
 from tflow.errors import CheckpointError
-from tflow.fusion import FUSIONS, LoraDelta, fuse
+from tflow.fusion import LoraDelta, fuse
 from tflow.generator import LayerAggregator, ModuleSpec, ParameterGenerator
 from tflow.models import Backbone, target_linears
+from tflow.registry import FUSIONS
 from tflow.utils import provenance, torch_save_atomic
 
 CHECKPOINT_FORMAT = "tflow-generator/1"
@@ -47,7 +46,7 @@ class TFlow(nn.Module):
             specs, sender_dim, len(cfg.agents.senders), lo.rank, width=g.width, depth=g.depth, heads=g.heads,
             mlp_ratio=g.mlp_ratio, tile_size=g.tile_size, output_scale=lo.output_scale,
             sender_embedding=g.sender_embedding)
-        self.fusion = FUSIONS[cfg.fusion.name](g.width, receiver_dim, cfg.fusion.gate_width)
+        self.fusion = FUSIONS.load(cfg.fusion.name)(g.width, receiver_dim, cfg.fusion.gate_width)
 
     def factors(self, cond: Conditions) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
         """Per-sender factors {name: (A [B,S,r,d_in], B [B,S,d_out,r])} and summaries [B, S, W]."""
@@ -146,50 +145,6 @@ def load_generator(path: str | Path, cfg: DictConfig, receiver: Backbone, sender
     tflow = build_tflow(cfg, receiver, sender)
     tflow.load_state_dict(ckpt["state_dict"])
     return tflow.to(receiver.device).eval()
-
-
-_SHARED: dict[str, tuple[Backbone, Backbone, int]] | None = None  # inside shared_backbones(): key -> loaded pair
-
-
-def _footprint(model: nn.Module) -> int:
-    """Modules plus hooks and instance-level forwards on Linears: an injected adapter or a transient LoRA
-    left attached changes it (transformers itself adds output-capturing hooks to decoder layers on first
-    use, never to Linears)."""
-    return sum(1 + (len(m._forward_hooks) + len(m._forward_pre_hooks) + ("forward" in m.__dict__)
-                    if isinstance(m, nn.Linear) else 0) for m in model.modules())
-
-
-@contextlib.contextmanager
-def shared_backbones() -> Iterator[None]:
-    """Inside, `load_backbones` hands out the same frozen backbones for the same `model` config (runs one
-    after another in one process: `evaluate --each`). Reuse checks that the previous run left the model as
-    loaded (no hook, no injected module) and fails loudly otherwise; a method that wraps the model in
-    place (static_lora's peft adapter) must not run inside."""
-    global _SHARED
-    _SHARED = {}
-    try:
-        yield
-    finally:
-        _SHARED = None
-
-
-def load_backbones(cfg: DictConfig) -> tuple[Backbone, Backbone]:
-    """(receiver, sender); the sender is the receiver's instance unless `model.sender` is set."""
-    from tflow.models import load_backbone
-
-    if cfg.model.threads:
-        torch.set_num_threads(cfg.model.threads)
-    key = json.dumps(OmegaConf.to_container(cfg.model, resolve=True), sort_keys=True)
-    if _SHARED is not None and key in _SHARED:
-        receiver, sender, footprint = _SHARED[key]
-        if _footprint(receiver.model) + _footprint(sender.model) != footprint:
-            raise RuntimeError("a previous run left hooks, wrapped forwards or modules on the shared backbones; run it alone")
-        return receiver, sender
-    receiver = load_backbone(cfg.model.receiver, cfg.model.cache_dir)
-    sender = receiver if cfg.model.sender is None else load_backbone(cfg.model.sender, cfg.model.cache_dir)
-    if _SHARED is not None:
-        _SHARED[key] = (receiver, sender, _footprint(receiver.model) + _footprint(sender.model))
-    return receiver, sender
 
 
 def delta_for(tflow: TFlow, receiver: Backbone, per_example: list[list[torch.Tensor]], batch: dict[str, torch.Tensor],

@@ -24,8 +24,10 @@ import numpy as np
 import pandas as pd
 from scipy.stats import binomtest
 
+from tflow.accounting import PHASES
+
 REQUIRED_COLUMNS = ("family", "task", "method", "cell", "seed", "task_id", "correct", "processed_tokens", "seconds")
-PHASE_COLUMNS = ("s_sender_prefill", "s_sender_decode", "s_generator", "s_receiver_prefill", "s_decode")
+PHASE_COLUMNS = tuple(f"s_{phase}" for phase in PHASES)  # per-problem seconds of each phase (tflow.accounting)
 GROUP_KEYS = ["family", "task", "method", "cell"]
 _CHUNK = 2048
 
@@ -151,38 +153,6 @@ def holm(pvalues: Sequence[float] | np.ndarray) -> np.ndarray:
     return out
 
 
-def parse_cell(cell: str) -> dict[str, str]:
-    """'rank~8_scale~0.5_fusion~mean' -> {'rank': '8', 'scale': '0.5', 'fusion': 'mean'}; 'default' -> {}.
-
-    Values contain no '_', names may (each value ends at the first '_' after its '~')."""
-    if cell == "default":
-        return {}
-    parts = cell.split("~")
-    if len(parts) < 2 or any(not p for p in parts):
-        raise ValueError(f"not a Paramspace cell (name~value_name~value): {cell!r}")
-    names, values = [parts[0]], []
-    for middle in parts[1:-1]:
-        value, sep, name = middle.partition("_")
-        if not sep or not name:
-            raise ValueError(f"not a Paramspace cell (name~value_name~value): {cell!r}")
-        values.append(value)
-        names.append(name)
-    values.append(parts[-1])
-    if "_" in values[-1]:
-        raise ValueError(f"cell value contains '_': {cell!r}")
-    return dict(zip(names, values))
-
-
-def format_cell(params: Mapping[str, Any]) -> str:
-    """Inverse of parse_cell: {'rank': 8} -> 'rank~8'; {} -> 'default'."""
-    if not params:
-        return "default"
-    bad = [k for k, v in params.items() if "_" in str(v) or "~" in f"{k}{v}"]
-    if bad:
-        raise ValueError(f"cell values may not contain '_' nor names/values '~': {bad}")
-    return "_".join(f"{k}~{v}" for k, v in params.items())
-
-
 def _validate(records: pd.DataFrame) -> pd.DataFrame:
     missing = [c for c in REQUIRED_COLUMNS if c not in records.columns]
     if missing:
@@ -219,9 +189,11 @@ Baseline = str | Mapping[str, str]
 cells of one method against that cell, as in the ablation families)."""
 
 
-def _baseline_key(baselines: Mapping[str, Baseline] | str, key: tuple[str, str, str, str]
-                  ) -> tuple[tuple[str, str, str, str], str]:
-    """The (family, task, method, cell) group a row is compared against, and the baseline's label."""
+def _baseline_key(baselines: Mapping[str, Baseline] | str, key: tuple[str, str, str, str],
+                  groups: Mapping[tuple[str, str, str, str], Any]) -> tuple[tuple[str, str, str, str], str]:
+    """The (family, task, method, cell) group a row is compared against, and the baseline's label: the same
+    method in the baseline cell, or the baseline method in the row's cell, else in the one cell it has in
+    the family (a method family holds each method in one cell: the main cell, or none when cell-free)."""
     family, task, method, cell = key
     base = baselines if isinstance(baselines, str) else baselines.get(family)
     if base is None:
@@ -230,7 +202,12 @@ def _baseline_key(baselines: Mapping[str, Baseline] | str, key: tuple[str, str, 
         if set(base) != {"cell"}:
             raise ValueError(f"baseline of family {family!r} must be a method name or {{'cell': ...}}, got {base}")
         return (family, task, method, str(base["cell"])), str(base["cell"])
-    return (family, task, str(base), cell), str(base)
+    if (family, task, str(base), cell) in groups:
+        return (family, task, str(base), cell), str(base)
+    found = [k for k in groups if k[:3] == (family, task, str(base))]
+    if len(found) > 1:
+        raise ValueError(f"baseline {base!r} of family {family!r} has several cells on {task!r}: {[k[3] for k in found]}")
+    return (found[0] if found else (family, task, str(base), cell)), str(base)
 
 
 def summarize(records: pd.DataFrame, baselines: Mapping[str, Baseline] | str, n_boot: int = 10_000,
@@ -244,7 +221,7 @@ def summarize(records: pd.DataFrame, baselines: Mapping[str, Baseline] | str, n_
     groups = {key: g for key, g in r.groupby(GROUP_KEYS, sort=True)}
     rows = []
     for (family, task, method, cell), g in groups.items():
-        base_key, base = _baseline_key(baselines, (family, task, method, cell))
+        base_key, base = _baseline_key(baselines, (family, task, method, cell), groups)
         is_baseline = base_key == (family, task, method, cell)
         seed_acc = g.groupby("seed")["correct"].mean()
         acc_mean, acc_std = mean_std(seed_acc.to_numpy())
@@ -254,6 +231,8 @@ def summarize(records: pd.DataFrame, baselines: Mapping[str, Baseline] | str, n_
                                    acc_mean=acc_mean, acc_std=acc_std, acc_ci_low=lo, acc_ci_high=hi,
                                    tokens_mean=float(g["processed_tokens"].mean()),
                                    seconds_mean=float(g["seconds"].mean()))
+        if "cell_params" in g.columns:  # the swept run-config values of an ablation cell (JSON)
+            row["cell_params"] = g["cell_params"].iloc[0]
         with np.errstate(all="ignore"):
             for c in phases:
                 row[f"{c}_mean"] = float(np.nanmean(g[c].to_numpy(dtype=float))) if g[c].notna().any() else np.nan

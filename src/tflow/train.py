@@ -27,8 +27,8 @@ from tflow.errors import ConfigError, cli
 from tflow.config import config_hash, load_config, to_yaml
 from tflow.data import Problem, TrainingSet, training_set
 from tflow.lora import TransientLoRA
-from tflow.models import Backbone, target_linears
-from tflow.pipeline import TFlow, build_tflow, delta_for, load_backbones, save_generator, zero_delta_like
+from tflow.models import Backbone, load_backbones, target_linears
+from tflow.pipeline import TFlow, build_tflow, delta_for, save_generator, zero_delta_like
 from tflow.utils import discard_stale, provenance, rng_state, seed_everything, set_rng_state, torch_save_atomic, write_json_atomic, write_text_atomic
 
 log = logging.getLogger("tflow.train")

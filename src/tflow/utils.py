@@ -1,4 +1,5 @@
-"""Small shared helpers: atomic writes, provenance records, seeding, dtype names."""
+"""Small shared helpers: atomic writes, provenance records, seeding (torch-free at import: the workflow
+imports this module while it builds the DAG; torch is imported only by the helpers that need it)."""
 from __future__ import annotations
 
 import contextlib
@@ -14,10 +15,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import numpy as np
-import torch
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROVENANCE_PACKAGES = ["torch", "transformers", "peft", "omegaconf", "gguf", "numpy", "tflow-repro"]
 
 
@@ -55,6 +52,8 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
 
 
 def torch_save_atomic(obj: Any, path: str | Path) -> None:
+    import torch
+
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
@@ -98,22 +97,36 @@ def provenance(**extra: Any) -> dict[str, Any]:
         "packages": package_versions(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": _torch_threads(),
         **extra,
     }
 
 
+def _torch_threads() -> int | None:
+    torch = sys.modules.get("torch")  # only where torch is in use already
+    return None if torch is None else torch.get_num_threads()
+
+
 def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
 def rng_state() -> dict[str, Any]:
+    import numpy as np
+    import torch
+
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])

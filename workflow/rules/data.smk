@@ -5,16 +5,16 @@
 
 rule prepare_data:
     input:
-        layers=config["run_config"],
+        layers=EXP.layers,
     output:
-        manifest=f"{R}/data/{{task}}.json",
+        manifest=EXP.data_manifest("{task}"),
     params:
         config_args=config_args(),
-        overrides=data_overrides,
+        overrides=data_args,
     log:
         f"logs/{RUN}/prepare_data/{{task}}.log",
     wildcard_constraints:
-        task="|".join(config["tasks"]),
+        task=one_of(EXP.tasks),
     threads: 1
     conda:
         "../../environment.yml"

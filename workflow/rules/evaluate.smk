@@ -9,15 +9,15 @@ rule evaluate:
         metrics=eval_outputs(),
     params:
         config_args=config_args(),
-        overrides=eval_overrides,
+        overrides=eval_args,
     log:
         f"logs/{RUN}/eval/{{task}}/{{method}}/{{cell}}/{eval_seed_scope()}.log",
     benchmark:
         f"benchmarks/{RUN}/eval/{{task}}/{{method}}/{{cell}}/{eval_seed_scope()}.tsv"
     wildcard_constraints:
-        task="|".join(config["tasks"]),
+        task=one_of(EXP.tasks),
         method="[a-z0-9_-]+",
-        cell="|".join(["none", *CELLS]),
+        cell=one_of([NO_CELL, *EXP.cells]),
         seed=r"\d+",
     threads: 1
     resources:

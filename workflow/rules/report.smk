@@ -1,4 +1,5 @@
-# Aggregation and the paper: records -> statistics -> tables, figures, macros -> (PDF).
+# Aggregation and the paper: records -> statistics -> tables, figures, macros -> (PDF). Tables, figures and
+# statistics are marked for `snakemake --report report.html`, each with its caption.
 
 
 rule collect:
@@ -7,7 +8,7 @@ rule collect:
     output:
         records=f"{R}/summary/records.csv",
     params:
-        manifest=records_manifest(),
+        manifest=EXP.records_manifest(),
     log:
         f"logs/{RUN}/collect.log",
     conda:
@@ -20,11 +21,14 @@ rule stats:
     input:
         records=rules.collect.output.records,
     output:
-        cells=f"{R}/stats/cells.csv",
-        per_seed=f"{R}/stats/per_seed.csv",
+        cells=report(f"{R}/stats/cells.csv", caption="../report/artifact.rst", category="Statistics"),
+        per_seed=report(f"{R}/stats/per_seed.csv", caption="../report/artifact.rst", category="Statistics"),
     params:
-        baselines=baselines(),
+        baselines=EXP.baselines(),
         n_boot=config["n_boot"],
+        caption="Per (family, task, method, cell): accuracy (seed mean, std, 95% bootstrap CI over problems), "
+        "tokens and seconds, and the paired comparison with the family's baseline (delta, CI, p, p_Holm); "
+        "per_seed.csv: the same per seed.",
     log:
         f"logs/{RUN}/stats.log",
     conda:
@@ -39,19 +43,22 @@ rule make_table:
         per_seed=rules.stats.output.per_seed,
         specs=config["paper_specs"],
     output:
-        tex="paper/tables/{table}.tex",
+        tex=report("paper/tables/{table}.tex", caption="../report/artifact.rst", category="Tables"),
     params:
         config_hash=config_hash(),
+        tasks=run_tasks(),
+        ablations=" ".join(EXP.sweeps),
+        caption=lambda wildcards: artifact_caption("tables", wildcards.table),
     log:
         f"logs/{RUN}/paper/table_{{table}}.log",
     wildcard_constraints:
-        table="|".join(table_names()) or "no-table",
+        table=one_of(table_names()),
     conda:
         "../../environment.yml"
     shell:
         "python -m tflow.artifacts --stats {input.cells} --per-seed {input.per_seed} --specs {input.specs} "
-        "--tables-dir paper/tables --only {wildcards.table} --rule make_table --config-hash {params.config_hash} "
-        "> {log} 2>&1"
+        "--tasks {params.tasks} --ablations {params.ablations} --tables-dir paper/tables --only {wildcards.table} "
+        "--rule make_table --config-hash {params.config_hash} > {log} 2>&1"
 
 
 rule make_macros:
@@ -61,15 +68,19 @@ rule make_macros:
         specs=config["paper_specs"],
     output:
         tex="paper/generated/macros.tex",
+        ablations="paper/generated/ablations.tex",
     params:
         config_hash=config_hash(),
+        tasks=run_tasks(),
+        ablations=" ".join(EXP.sweeps),
     log:
         f"logs/{RUN}/paper/macros.log",
     conda:
         "../../environment.yml"
     shell:
         "python -m tflow.artifacts --stats {input.cells} --per-seed {input.per_seed} --specs {input.specs} "
-        "--macros {output.tex} --rule make_macros --config-hash {params.config_hash} > {log} 2>&1"
+        "--tasks {params.tasks} --ablations {params.ablations} --macros {output.tex} "
+        "--ablation-tex {output.ablations} --rule make_macros --config-hash {params.config_hash} > {log} 2>&1"
 
 
 rule make_figure:
@@ -79,19 +90,22 @@ rule make_figure:
         specs=config["paper_specs"],
     output:
         pdf="paper/figures/{figure}.pdf",
-        png="paper/figures/{figure}.png",
+        png=report("paper/figures/{figure}.png", caption="../report/artifact.rst", category="Figures"),
     params:
         config_hash=config_hash(),
+        tasks=run_tasks(),
+        ablations=" ".join(EXP.sweeps),
+        caption=lambda wildcards: artifact_caption("figures", wildcards.figure),
     log:
         f"logs/{RUN}/paper/figure_{{figure}}.log",
     wildcard_constraints:
-        figure="|".join(figure_names()) or "no-figure",
+        figure=one_of(figure_names()),
     conda:
         "../../environment.yml"
     shell:
         "python -m tflow.figures --stats {input.cells} --per-seed {input.per_seed} --specs {input.specs} "
-        "--out-dir paper/figures --only {wildcards.figure} --rule make_figure --config-hash {params.config_hash} "
-        "> {log} 2>&1"
+        "--tasks {params.tasks} --ablations {params.ablations} --out-dir paper/figures --only {wildcards.figure} "
+        "--rule make_figure --config-hash {params.config_hash} > {log} 2>&1"
 
 
 rule paper_pdf:
@@ -99,10 +113,13 @@ rule paper_pdf:
         tex="paper/main.tex",
         preamble="paper/preamble.tex",
         macros=rules.make_macros.output.tex,
+        ablations=rules.make_macros.output.ablations,
         tables=[f"paper/tables/{t}.tex" for t in table_names()],
         figures=[f"paper/figures/{f}.pdf" for f in figure_names()],
     output:
-        pdf="paper/main.pdf",
+        pdf=report("paper/main.pdf", caption="../report/artifact.rst", category="Paper"),
+    params:
+        caption="The generated paper: every number in its prose is a macro of paper/generated/macros.tex.",
     log:
         f"logs/{RUN}/paper/latexmk.log",
     conda:

@@ -1,16 +1,17 @@
-# Training stages: the shared sender-condition cache, then one generator per sweep cell and seed,
-# and the static-LoRA control (one per seed, the main cell's rank and budget).
+# Training stages: the shared sender-condition cache, then one generator per sweep cell and seed, and
+# one module per seed for every method that trains its own (tflow.methods.METHODS: needs="trained",
+# e.g. the static LoRA), at the main cell's settings and budget.
 
 
 rule cache_conditions:
     input:
-        layers=config["run_config"],
+        layers=EXP.layers,
     output:
         manifest=f"{R}/conditions.json",
     params:
         config_args=config_args(),
-        seeds=" ".join(str(s) for s in config["seeds"]),
-        overrides=quote(common_overrides()),
+        seeds=" ".join(str(s) for s in EXP.seeds),
+        overrides=quote(EXP.common),
     log:
         f"logs/{RUN}/cache_conditions.log",
     benchmark:
@@ -27,20 +28,20 @@ rule cache_conditions:
 
 rule train_generator:
     input:
-        layers=config["run_config"],
+        layers=EXP.layers,
         conditions=rules.cache_conditions.output.manifest,
     output:
-        generator=f"{R}/generators/{{cell}}/seed~{{seed}}/generator.pt",
+        generator=EXP.generator_path("{cell}", "{seed}"),
     params:
         config_args=config_args(),
-        overrides=lambda wildcards, output: train_overrides(wildcards, os.path.dirname(output.generator)),
+        overrides=train_generator_args,
         launcher=train_launcher(),
     log:
         f"logs/{RUN}/train_generator/{{cell}}/seed~{{seed}}.log",
     benchmark:
         f"benchmarks/{RUN}/train_generator/{{cell}}/seed~{{seed}}.tsv"
     wildcard_constraints:
-        cell="|".join(CELLS),
+        cell=one_of(EXP.cells),
         seed=r"\d+",
     threads: 1
     resources:
@@ -52,19 +53,21 @@ rule train_generator:
         "> {log} 2>&1"
 
 
-rule train_static_lora:
+rule train_method:
     input:
-        layers=config["run_config"],
+        layers=EXP.layers,
     output:
-        adapter=static_adapter_marker("{seed}"),
+        marker=EXP.trained_marker("{method}", "{seed}"),
     params:
         config_args=config_args(),
-        overrides=lambda wildcards: train_overrides(wildcards, static_lora_dir(wildcards.seed)),
+        overrides=train_method_args,
+        trainer=trainer,
     log:
-        f"logs/{RUN}/train_static_lora/seed~{{seed}}.log",
+        f"logs/{RUN}/train_method/{{method}}/seed~{{seed}}.log",
     benchmark:
-        f"benchmarks/{RUN}/train_static_lora/seed~{{seed}}.tsv"
+        f"benchmarks/{RUN}/train_method/{{method}}/seed~{{seed}}.tsv"
     wildcard_constraints:
+        method=one_of(EXP.trained_methods()),
         seed=r"\d+",
     threads: 1
     resources:
@@ -72,4 +75,5 @@ rule train_static_lora:
     conda:
         "../../environment.yml"
     shell:
-        "python -m tflow.static_lora {params.config_args} {params.overrides} --no-progress --restart-on-change > {log} 2>&1"
+        "python -m {params.trainer} {params.config_args} {params.overrides} --no-progress --restart-on-change "
+        "> {log} 2>&1"

@@ -1,27 +1,23 @@
-"""Benchmarks: one module each (load, prompt, extract, score), behind one registry.
+"""Benchmarks: one module each (load, prompt, extract, score), behind one registry (torch-free).
 
 `get_task(name)` imports the module lazily (code tasks pull in evalplus) and returns its `TASK`.
 """
 from __future__ import annotations
 
-import importlib
-
-from tflow.errors import ConfigError
+from tflow.registry import Registry
 from tflow.tasks.base import EvalProblem, Score, Task, subset
 
-TASKS: dict[str, str] = {  # name -> module holding TASK
-    "gsm8k": "tflow.tasks.gsm8k",
-    "math500": "tflow.tasks.math500",
-    "mmlu_redux": "tflow.tasks.mmlu_redux",
-    "humanevalplus": "tflow.tasks.humanevalplus",
-    "mbppplus": "tflow.tasks.mbppplus",
-}
+TASKS: Registry[str] = Registry("task", "eval.task", {
+    "gsm8k": "tflow.tasks.gsm8k:TASK",
+    "math500": "tflow.tasks.math500:TASK",
+    "mmlu_redux": "tflow.tasks.mmlu_redux:TASK",
+    "humanevalplus": "tflow.tasks.humanevalplus:TASK",
+    "mbppplus": "tflow.tasks.mbppplus:TASK",
+})
 
 
 def get_task(name: str) -> Task:
-    if name not in TASKS:
-        raise ConfigError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
-    return importlib.import_module(TASKS[name]).TASK
+    return TASKS.load(name)
 
 
 __all__ = ["TASKS", "EvalProblem", "Score", "Task", "get_task", "subset"]

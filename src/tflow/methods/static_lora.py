@@ -1,6 +1,7 @@
-"""The static-LoRA control: ONE peft LoRA on the receiver, trained on TFlow's data and budget.
+"""`static_lora`, the control "is per-query adaptation needed?": ONE peft LoRA on the receiver, trained
+on TFlow's data and budget, then applied to every query. This module is both the method and its trainer:
 
-    python -m tflow.static_lora --config config/run/cpu.yaml [key=value ...]
+    python -m tflow.methods.static_lora --config config/run/cpu.yaml [key=value ...]
 
 It answers "is per-query adaptation needed?": same training problems (decontaminated), same
 batches in the same order, steps, learning-rate schedule, optimiser, clipping and loss (the
@@ -8,7 +9,8 @@ receiver's next-token cross-entropy on reference solutions) as `tflow.train`, an
 targets and total rank as TFlow's fused delta (senders x lora.rank, scale lora.alpha / lora.rank),
 but no senders: every query gets the same adapter. Writes into `train.out_dir` (give it a folder
 of its own): config.yaml, train_log.jsonl, ckpt/last.pt (resumable), adapter/ (a PEFT adapter
-folder, written atomically; `eval.method=static_lora eval.checkpoint=<it>`) and train_summary.json.
+folder, written atomically), train_summary.json and, last, trained.json (the mark of a finished
+training that `eval.method=static_lora eval.checkpoint=<train.out_dir>` reads).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -31,7 +33,9 @@ from tflow.agents import receiver_batch
 from tflow.config import config_hash, load_config, to_yaml
 from tflow.data import training_set
 from tflow.errors import ConfigError, cli
-from tflow.pipeline import load_backbones
+from tflow.methods.base import read_trained, trained_hash, write_trained
+from tflow.methods.single import Single
+from tflow.models import Backbone, load_backbones
 from tflow.train import _truncate_log, batch_problems, lr_at
 from tflow.utils import (discard_stale, provenance, rng_state, seed_everything, set_rng_state, torch_save_atomic, write_json_atomic,
                          write_text_atomic)
@@ -49,22 +53,23 @@ def peft_config(cfg: DictConfig) -> LoraConfig:
 
 
 def train_static(cfg: DictConfig, progress: bool = True, restart_on_change: bool = False) -> Path:
-    """Train (or resume) the static adapter; returns the adapter folder. restart_on_change: discard
-    results of another config in train.out_dir instead of failing (the workflow's reruns)."""
+    """Train (or resume) the static adapter; returns train.out_dir. restart_on_change: discard results of
+    another config in train.out_dir instead of failing (the workflow's reruns)."""
     out = Path(cfg.train.out_dir)
     adapter = out / "adapter"
     chash = config_hash(cfg)
     if restart_on_change:
-        marker, ckpt = adapter / "tflow_static.json", out / "ckpt" / "last.pt"
-        stale = (marker.is_file() and json.loads(marker.read_text())["config_hash"] != chash) or \
+        ckpt = out / "ckpt" / "last.pt"
+        stale = trained_hash(out) not in (None, chash) or \
             (ckpt.is_file() and torch.load(ckpt, map_location="cpu", weights_only=False)["config_hash"] != chash)
         if stale:
-            discard_stale(out, ["adapter", "ckpt", "train_log.jsonl", "train_summary.json"], "the config changed")
-    if (adapter / "tflow_static.json").is_file():
-        done = json.loads((adapter / "tflow_static.json").read_text())["config_hash"]
+            discard_stale(out, ["trained.json", "adapter", "ckpt", "train_log.jsonl", "train_summary.json"],
+                          "the config changed")
+    done = trained_hash(out)
+    if done is not None:
         if done != chash:
-            raise ConfigError(f"{adapter} was trained with another config; use a new train.out_dir or delete {out}")
-        return adapter
+            raise ConfigError(f"{out} was trained with another config; use a new train.out_dir or delete {out}")
+        return out
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.yaml", to_yaml(cfg))
     seed_everything(cfg.train.seed)
@@ -112,7 +117,6 @@ def train_static(cfg: DictConfig, progress: bool = True, restart_on_change: bool
                                    "step": step + 1, "rng": rng_state(), "config_hash": chash}, ckpt_path)
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".adapter."))
     model.save_pretrained(tmp)
-    (tmp / "tflow_static.json").write_text(json.dumps({"config_hash": chash, "receiver": receiver.fingerprint()}))
     if adapter.exists():
         shutil.rmtree(adapter)
     os.replace(tmp, adapter)  # atomic: a half-written adapter never looks finished
@@ -121,7 +125,24 @@ def train_static(cfg: DictConfig, progress: bool = True, restart_on_change: bool
         "rank": peft_config(cfg).r, "training_problems": len(problems), "data_sources": data.sources,
         "decontamination_removed": data.removed, "config": OmegaConf.to_container(cfg, resolve=True),
         "provenance": provenance(seed=cfg.train.seed)})
-    return adapter
+    write_trained(out, "static_lora", chash, receiver, trainable_parameters=sum(p.numel() for p in params))
+    return out
+
+
+class StaticLoRA(Single):
+    """The receiver with the trained static adapter applied to every query."""
+
+    name = "static_lora"
+
+    @classmethod
+    def build(cls, cfg: DictConfig, layers: Sequence[Any] = (), overrides: Sequence[str] = ()) -> tuple["StaticLoRA", DictConfig]:
+        from peft import PeftModel
+
+        receiver, _ = load_backbones(cfg)
+        folder = read_trained(cfg.eval.checkpoint, "static_lora", receiver)
+        model = PeftModel.from_pretrained(receiver.model, str(folder / "adapter")).eval()
+        return cls(cfg, Backbone(model=model, tokenizer=receiver.tokenizer,
+                                 ident=f"{receiver.ident}+static:{folder.name}")), cfg
 
 
 @cli

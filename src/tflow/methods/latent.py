@@ -1,4 +1,4 @@
-"""Training-free comparators of the harness: activation communication and KV-cache communication.
+"""Training-free latent comparators: activation communication and KV-cache communication.
 
   ac  Activation communication (arXiv 2501.14082): each sender reads the question under its role
       prompt; its last-token hidden state after layer k is taken (the senders' states averaged).
@@ -14,16 +14,17 @@ Both count every sender prompt token as processed (prefill), as TFlow's sender p
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from omegaconf import DictConfig
 
 from tflow.accounting import Accounting, PrefillTimer
-from tflow.agents import chat_text, receiver_batch
+from tflow.agents import receiver_batch
 from tflow.errors import ConfigError
-from tflow.methods import MethodOutput, decode_rows, generate, sampling, share_seconds, warm_up
-from tflow.models import Backbone, decoder_layers
+from tflow.methods.base import MethodOutput, decode_rows, generate, sampling, share_seconds, warm_up
+from tflow.models import Backbone, decoder_layers, load_backbones
+from tflow.prompts import chat_text
 from tflow.tasks.base import EvalProblem
 
 AC_OPS = ("replace", "sum", "mean")
@@ -72,6 +73,10 @@ class ActivationCommunication:
             raise ConfigError(f"key 'eval.ac_op': unknown op {ev.ac_op!r}; choose from {AC_OPS}")
         self.k = resolve_layer(ev.ac_sender_layer, sender.num_layers)
         self.j = resolve_layer(ev.ac_receiver_layer, receiver.num_layers)
+
+    @classmethod
+    def build(cls, cfg: DictConfig, layers: Sequence[Any] = (), overrides: Sequence[str] = ()):
+        return cls(cfg, *load_backbones(cfg)), cfg
 
     def prepare(self, problems: Sequence[EvalProblem]) -> None:
         if problems:  # the untimed warm-up every method gets (tflow.methods.warm_up)
@@ -122,6 +127,10 @@ class KVCommunication:
             raise ConfigError("method kv is homogeneous KV-cache communication: it needs the senders to share the "
                               "receiver's backbone (leave model.sender unset)")
         self.cfg, self.model = cfg, receiver
+
+    @classmethod
+    def build(cls, cfg: DictConfig, layers: Sequence[Any] = (), overrides: Sequence[str] = ()):
+        return cls(cfg, *load_backbones(cfg)), cfg
 
     def prepare(self, problems: Sequence[EvalProblem]) -> None:
         if problems:  # the untimed warm-up every method gets (tflow.methods.warm_up)

@@ -1,0 +1,31 @@
+"""Role prompts and chat formatting (torch-free: the config validates role names against `ROLES`).
+
+A sender is a frozen backbone with a role system prompt; the receiver answers under its own role.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from tflow.registry import Registry
+
+# System prompts (written for this reproduction). Senders analyse; they never answer.
+ROLES: Registry[str] = Registry("role", "agents.senders / agents.receiver", {
+    "strategist": (
+        "You are a strategist on a problem-solving team. Read the task and work out how to approach it: "
+        "the key steps, the order in which to take them, and the traps to avoid. Do not solve the task yourself."
+    ),
+    "knowledge_extractor": (
+        "You are a knowledge extractor on a problem-solving team. Read the task and name the facts, definitions, "
+        "formulas and domain knowledge that solving it requires. Do not solve the task yourself."
+    ),
+    "solver": (
+        "You are a careful problem solver. Think step by step and state the final answer clearly at the end."
+    ),
+})
+
+
+def chat_text(tokenizer: Any, role: str, question: str, answer: str | None = None) -> str:
+    """The role's chat prompt for `question` (ending with the assistant turn's opening)."""
+    messages = [{"role": "system", "content": ROLES[role]}, {"role": "user", "content": question}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text if answer is None else text + answer
