@@ -156,7 +156,7 @@ def test_delta_norms_match_the_dense_product():
 
 
 def test_condition_cache_reuses_stored_states(tiny_backbone, tmp_path):
-    cache = ConditionCache(tmp_path, tiny_backbone.ident, 64)
+    cache = ConditionCache(tmp_path, tiny_backbone, 64)
     first = cache.get(tiny_backbone, "strategist", QUESTIONS)
     again = cache.get(None, "strategist", QUESTIONS)  # no sender needed: all cached
     for x, y in zip(first, again):

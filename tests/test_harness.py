@@ -1,6 +1,7 @@
 """The evaluation harness end to end on a tiny random model saved to disk (source=path): every
 method runs, accounting invariants hold, interrupted runs resume without redoing or duplicating."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,20 +139,31 @@ def test_eval_config_typos_fail_naming_the_key():
 
 
 def test_static_lora_control_trains_on_the_same_budget_and_evaluates(tiny_dir, data_dir, tmp_path):
+    """Same footing as the generator; the learning rate is chosen on the validation problems from the grid
+    (recorded); the adapter reproduces the training-time transient hooks when PEFT loads it; a rerun of a
+    finished training does nothing; evaluation refuses a folder without a finished training."""
     from tflow.config import load_config
     from tflow.errors import CheckpointError
-    from tflow.methods.static_lora import peft_config, train_static
+    from tflow.methods.static_lora import StaticTrainee, train_static
+    from tflow.models import load_backbones
 
     ov = TINY_OVERRIDES + ["model.receiver.source=path", f"model.receiver.name={tiny_dir}", "model.receiver.dtype=float32",
-                           f"data.data_dir={data_dir}", "data.sources=[gsm8k]", "data.per_source_limit=40",
-                           "train.steps=3", "train.batch_size=2", "train.ckpt_every=2", "train.log_every=1", f"train.out_dir={tmp_path / 'static'}"]
+                           f"data.data_dir={data_dir}", "data.mix=[{source: gsm8k}]", "data.per_source_limit=40",
+                           "data.validation_size=4", "train.steps=3", "train.batch_size=2", "train.ckpt_every=2",
+                           "train.log_every=1", "train.lr_grid=[0.5, 2.0]", f"train.out_dir={tmp_path / 'static'}",
+                           f"model.cache_dir={tmp_path / 'cache'}"]
     cfg = load_config([], ov)
-    assert peft_config(cfg).r == 2 * cfg.lora.rank  # the total rank of TFlow's fused delta (2 senders)
-    adapter = train_static(cfg, progress=False)
-    log = [json.loads(x) for x in (tmp_path / "static" / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [0, 1, 2] and all(r["grad_norm"] > 0 for r in log)
-    assert train_static(cfg, progress=False) == adapter  # finished: nothing to redo
-    m = _run(_overrides(tiny_dir, data_dir, tmp_path / "out", "static_lora", **{"eval.checkpoint": adapter}))
+    out = train_static(cfg, progress=False)
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert [g["lr"] for g in summary["lr_grid"]] == [0.5 * cfg.train.lr, 2.0 * cfg.train.lr]
+    best = min(summary["lr_grid"], key=lambda g: g["validation_ce"])
+    assert summary["chosen_lr"] == best["lr"] and json.loads((out / "trained.json").read_text())["chosen_lr"] == best["lr"]
+    assert summary["trainable_parameters"] == sum(2 * cfg.lora.rank * (l.in_features + l.out_features)
+                                                  for l in StaticTrainee(cfg, *load_backbones(cfg)).linears.values())
+    log = [json.loads(x) for x in (Path(best["folder"]) / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [0, 1, 2] and all(r["grad_norm"] > 0 and "l2" in r for r in log)
+    assert train_static(cfg, progress=False) == out  # finished: nothing to redo
+    m = _run(_overrides(tiny_dir, data_dir, tmp_path / "out", "static_lora", **{"eval.checkpoint": out}))
     assert m["n"] == 5 and m["method"] == "static_lora"
     recs = [json.loads(x) for x in (tmp_path / "out" / "records.jsonl").read_text().splitlines()]
     assert all(set(r["tokens"]) == {"receiver"} for r in recs)

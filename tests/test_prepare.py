@@ -11,7 +11,7 @@ from tflow.tasks import get_task, subset
 def test_manifest_records_the_evaluated_subset_and_training_counts(tmp_path, data_dir):
     out = tmp_path / "m.json"
     args = ["--tasks", "gsm8k", "mmlu_redux", "--seeds", "0", "--out", str(out), f"data.data_dir={data_dir}",
-            "eval.n=5", "eval.subset_seed=3", "data.per_source_limit=50"]
+            "eval.n=5", "eval.subset_seed=3", "data.per_source_limit=50", f"model.cache_dir={tmp_path / 'cache'}"]
     prepare.main(args)
     m = json.loads(out.read_text())
     cfg = load_config([], [f"data.data_dir={data_dir}"])
@@ -21,7 +21,8 @@ def test_manifest_records_the_evaluated_subset_and_training_counts(tmp_path, dat
         assert m["tasks"][name]["set_size"] == len(every) and m["tasks"][name]["source"]["source"] == "offline"
     assert m["tasks"]["gsm8k"]["set_size"] == 1319 and len(m["tasks"]["gsm8k"]["subset_sha256"]) == 64
     train = m["training"]["0"]
-    assert set(train["sources"]) == set(cfg.data.sources) and 0 < train["problems"] <= 100
+    assert set(train["sources"]) == {e.source for e in cfg.data.mix}
+    assert train["problems"] == cfg.train.steps * cfg.train.batch_size  # the run's whole training budget
     assert m["config"]["eval"]["n"] == 5 and m["provenance"]["git_commit"]
 
 

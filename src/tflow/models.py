@@ -209,6 +209,9 @@ def load_backbones(cfg: DictConfig) -> tuple[Backbone, Backbone]:
         return receiver, sender
     receiver = load_backbone(cfg.model.receiver, cfg.model.cache_dir)
     sender = receiver if cfg.model.sender is None else load_backbone(cfg.model.sender, cfg.model.cache_dir)
+    for bb in {id(receiver): receiver, id(sender): sender}.values():  # the chat template's switches (tflow.prompts)
+        bb.tokenizer.chat_template_kwargs = ({} if cfg.model.enable_thinking is None
+                                             else {"enable_thinking": bool(cfg.model.enable_thinking)})
     if _SHARED is not None:
         _SHARED[key] = (receiver, sender, _footprint(receiver.model) + _footprint(sender.model))
     return receiver, sender

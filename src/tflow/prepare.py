@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from tflow.config import config_hash, load_config
-from tflow.data import training_set
+from tflow.mix import training_set
 from tflow.errors import cli
 from tflow.tasks import get_task, subset
 from tflow.utils import provenance, write_json_atomic
@@ -41,7 +41,7 @@ def prepare(cfg: DictConfig, tasks: Sequence[str], seeds: Sequence[int]) -> dict
         log.info("%s: %d of %d problems (%s)", name, out["tasks"][name]["subset_size"],
                  out["tasks"][name]["set_size"], out["tasks"][name]["source"].get("version", "?"))
     for seed in seeds:
-        ts = training_set(cfg.data, seed)
+        ts = training_set(cfg.data, seed, cfg.train.steps * cfg.train.batch_size, cfg.model.cache_dir)
         out["training"][str(seed)] = {"problems": len(ts.problems), "sources": ts.sources, "removed": ts.removed}
         log.info("training set (seed %d): %d problems after decontamination", seed, len(ts.problems))
     out["config"] = OmegaConf.to_container(cfg, resolve=True)

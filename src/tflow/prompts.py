@@ -25,7 +25,10 @@ ROLES: Registry[str] = Registry("role", "agents.senders / agents.receiver", {
 
 
 def chat_text(tokenizer: Any, role: str, question: str, answer: str | None = None) -> str:
-    """The role's chat prompt for `question` (ending with the assistant turn's opening)."""
+    """The role's chat prompt for `question` (ending with the assistant turn's opening). The template's
+    switches (`model.enable_thinking`) ride on the tokenizer as `chat_template_kwargs`, set when the
+    backbone is loaded, so training, evaluation and every agent render prompts alike."""
     messages = [{"role": "system", "content": ROLES[role]}, {"role": "user", "content": question}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         **getattr(tokenizer, "chat_template_kwargs", {}))
     return text if answer is None else text + answer

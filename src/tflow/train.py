@@ -25,7 +25,8 @@ from tflow import distributed
 from tflow.agents import ConditionCache, receiver_batch
 from tflow.errors import ConfigError, cli
 from tflow.config import config_hash, load_config, to_yaml
-from tflow.data import Problem, TrainingSet, training_set
+from tflow.data import Problem
+from tflow.mix import TrainingSet, receiver_prompt, sender_view, training_set
 from tflow.lora import TransientLoRA
 from tflow.models import Backbone, load_backbones, target_linears
 from tflow.pipeline import TFlow, build_tflow, delta_for, save_generator, zero_delta_like
@@ -40,7 +41,7 @@ def receiver_loss(tflow: TFlow, receiver: Backbone, linears: dict, conds: list[l
     """Mean next-token cross-entropy of the receiver on the problems' reference solutions with the
     generated transient LoRA (or delta-W = 0 with the same hooks).
     Returns (ce, l2 penalty, {module: ||delta-W||^2 [B, S]}, number of scored tokens)."""
-    batch = receiver_batch(receiver.tokenizer, cfg.agents.receiver, [p.question for p in problems],
+    batch = receiver_batch(receiver.tokenizer, cfg.agents.receiver, [receiver_prompt(p) for p in problems],
                            [p.solution for p in problems], cfg.data.max_solution_tokens, padding_side="right")
     delta, sq = delta_for(tflow, receiver, conds, batch)
     if zero_delta:
@@ -132,15 +133,17 @@ def _train(cfg: DictConfig, world: distributed.World, progress: bool, stop_after
         write_text_atomic(out / "config.yaml", to_yaml(cfg))
     seed_everything(cfg.train.seed)
 
-    data = training_set(cfg.data, cfg.train.seed) if problems is None else TrainingSet(problems, {"given": {"kept": len(problems)}})
-    problems = data.problems[:min(len(data.problems), cfg.train.steps * cfg.train.batch_size)]
+    budget = cfg.train.steps * cfg.train.batch_size
+    data = training_set(cfg.data, cfg.train.seed, budget, cfg.model.cache_dir) if problems is None else \
+        TrainingSet(problems[:budget], {"given": {"kept": len(problems)}})
+    problems = data.problems
     receiver, sender = backbones or load_backbones(_rank_config(cfg, world))
     linears = target_linears(receiver.model, list(cfg.lora.targets), None if cfg.lora.layers is None else list(cfg.lora.layers))
-    cache = ConditionCache(cfg.model.cache_dir, sender.ident, cfg.agents.max_question_tokens)
+    cache = ConditionCache(cfg.model.cache_dir, sender, cfg.agents.max_question_tokens)
     if not world.main:  # rank 0 fills the shared cache first; the others then read it
         distributed.barrier(world)
     for role in cfg.agents.senders:  # senders are frozen: one prefill per question, ever (read per batch)
-        cache.ensure(sender, role, [p.question for p in problems], progress=progress)
+        cache.ensure(sender, role, [sender_view(p) for p in problems], progress=progress)
     if world.main:
         distributed.barrier(world)
 
@@ -171,7 +174,7 @@ def _train(cfg: DictConfig, world: distributed.World, progress: bool, stop_after
                 g["lr"] = lr_at(step, cfg)
             probs = batch_problems(problems, step, cfg.train.batch_size)
             mine = distributed.shard(probs, world)  # all of them in a single process
-            by_role = [cache.get(None, r, [p.question for p in mine]) for r in cfg.agents.senders]
+            by_role = [cache.get(None, r, [sender_view(p) for p in mine]) for r in cfg.agents.senders]
             conds = [list(per_problem) for per_problem in zip(*by_role)]  # [problem][sender]
             ce, l2, sq, n_tok = receiver_loss(tflow, receiver, linears, conds, mine, cfg)
             # Each rank's share of the batch (1 in a single process): weights that make the summed gradient
@@ -217,12 +220,12 @@ def cache_conditions(cfg: DictConfig, seeds: Sequence[int], manifest: str | Path
     questions: dict[str, None] = {}
     sources = {}
     for seed in seeds:
-        data = training_set(cfg.data, seed)
+        data = training_set(cfg.data, seed, cfg.train.steps * cfg.train.batch_size, cfg.model.cache_dir)
         sources = data.sources
-        for p in data.problems[:min(len(data.problems), cfg.train.steps * cfg.train.batch_size)]:
-            questions.setdefault(p.question)
+        for p in data.problems:
+            questions.setdefault(sender_view(p))
     _, sender = load_backbones(cfg)
-    cache = ConditionCache(cfg.model.cache_dir, sender.ident, cfg.agents.max_question_tokens)
+    cache = ConditionCache(cfg.model.cache_dir, sender, cfg.agents.max_question_tokens)
     t0 = time.perf_counter()
     for role in cfg.agents.senders:
         cache.ensure(sender, role, list(questions), progress=progress)

@@ -21,6 +21,11 @@ class EvalProblem:
     question: str  # what every agent is shown (the problem statement, without answer-format instructions)
     gold: str  # the reference answer as a string ("" for code tasks: their tests are the reference)
     meta: dict[str, Any] = field(default_factory=dict, compare=False)  # task-specific (choices, entry point, ...)
+    view: str = ""  # what the senders read (Task.sender_view; set by the harness), "" = the question
+
+    @property
+    def sender_view(self) -> str:
+        return self.view or self.question
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,11 @@ class Task(Protocol):
 
     def prompt(self, problem: EvalProblem) -> str:
         """The receiver's user message: the question plus the task's answer-format instruction."""
+        ...
+
+    def sender_view(self, problem: EvalProblem) -> str:
+        """What every sender reads (TextMAS, TFlow and its controls, the latent comparators): the problem as
+        the release shows it to its senders, without the receiver's answer-format instruction."""
         ...
 
     def score(self, problems: Sequence[EvalProblem], outputs: Sequence[str], workdir: str | Path) -> list[Score]:

@@ -46,6 +46,9 @@ class HumanEvalPlusTask:
         """evalplus's chat instruction around the function signature and docstring."""
         return code_prompt(problem)
 
+    def sender_view(self, problem: EvalProblem) -> str:
+        return problem.question  # the signature and the docstring with its examples
+
     def score(self, problems: Sequence[EvalProblem], outputs: Sequence[str], workdir: str | Path) -> list[Score]:
         return score_code(DATASET, problems, outputs, workdir, self.sandbox)
 

@@ -167,6 +167,9 @@ class Math500Task:
     def prompt(self, problem: EvalProblem) -> str:
         return f"{problem.question}\n\n{INSTRUCTION}"
 
+    def sender_view(self, problem: EvalProblem) -> str:
+        return problem.question
+
     def score(self, problems: Sequence[EvalProblem], outputs: Sequence[str], workdir: str | Path) -> list[Score]:
         scores = []
         for problem, output in zip(problems, outputs, strict=True):

@@ -54,6 +54,9 @@ class MbppPlusTask:
         """evalplus's chat instruction around the problem docstring."""
         return code_prompt(problem)
 
+    def sender_view(self, problem: EvalProblem) -> str:
+        return problem.question  # the description and an example assertion (name and signature)
+
     def score(self, problems: Sequence[EvalProblem], outputs: Sequence[str], workdir: str | Path) -> list[Score]:
         return score_code(DATASET, problems, outputs, workdir, self.sandbox)
 

@@ -172,8 +172,12 @@ class MMLUReduxTask:
         return problems, {**prov, "count": len(problems), "filtering": dict(sorted(counts.items()))}
 
     def prompt(self, problem: EvalProblem) -> str:
+        return f"{self.sender_view(problem)}\n\n{INSTRUCTION}"
+
+    def sender_view(self, problem: EvalProblem) -> str:
+        """The question and its four options (the release shows senders the options too)."""
         options = "\n".join(f"{letter}. {choice}" for letter, choice in zip(LETTERS, problem.meta["choices"]))
-        return f"{problem.question}\n\n{options}\n\n{INSTRUCTION}"
+        return f"{problem.question}\n\n{options}"
 
     def score(self, problems: Sequence[EvalProblem], outputs: Sequence[str], workdir: str | Path) -> list[Score]:
         scores = []
