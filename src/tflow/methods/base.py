@@ -145,3 +145,16 @@ def read_trained(folder: str | None, method: str, receiver: Backbone) -> Path:
     if info.get("receiver") != receiver.fingerprint():
         raise CheckpointError(f"{folder} was trained for receiver {info.get('receiver')}, not {receiver.fingerprint()}")
     return Path(folder)
+
+
+# Held-out evidence (the `heldout` family): a method that can score reference solutions teacher-forced
+# implements `reference_nll(problems) -> [(summed token NLL, scored tokens)]`, one pair per problem, with
+# the receiver reading the problem as in training (tflow.mix.receiver_prompt) and the target p.solution.
+def row_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[list[float], list[int]]:
+    """Per row of a causal-LM batch: the summed next-token NLL of the labelled tokens and their count.
+    logits [B, T, V], labels [B, T] with -100 where not scored."""
+    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]  # position t predicts token t+1
+    nll = torch.nn.functional.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100,
+                                            reduction="none")  # [B, T-1]
+    mask = shift_labels != -100
+    return (nll * mask).sum(1).tolist(), mask.sum(1).tolist()
