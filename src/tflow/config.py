@@ -65,12 +65,17 @@ class LoraConfig:
 
 @dataclass
 class GeneratorConfig:
+    # repro: this package's compact generator (tflow.generator); release: the released TFlow architecture
+    # (tflow.generator_release; condition-initialised tokens, rotary positions, SiLU MLP, RMSNorm, no sender
+    # embedding), what the paper-scale config runs
+    variant: str = "repro"
     width: int = 256  # TFlow uses 1024 for Qwen3-4B
     depth: int = 2  # transformer blocks over parameter tokens
     heads: int = 4
-    mlp_ratio: int = 2
-    tile_size: int = 192  # columns of a LoRA factor produced by one parameter token
-    sender_embedding: bool = True  # a learned per-role vector added to the condition
+    mlp_ratio: int = 2  # the release: 4
+    tile_size: int = 192  # columns of a LoRA factor produced by one parameter token (release: a tile's row)
+    accumulation: int = 2  # release variant: tile rows packed into one parameter token
+    sender_embedding: bool = True  # a learned per-role vector added to the condition (repro variant only)
 
 
 @dataclass
@@ -218,6 +223,9 @@ def validate(cfg: DictConfig) -> None:
     need(len(cfg.agents.senders) >= 1, "agents.senders", "needs at least one sender role")
     need(cfg.generator.width % cfg.generator.heads == 0, "generator.width", "must be divisible by generator.heads")
     need(cfg.generator.tile_size >= 1, "generator.tile_size", "must be >= 1")
+    need(cfg.generator.variant in ("repro", "release"), "generator.variant", "must be repro or release")
+    need(cfg.generator.variant == "repro" or not cfg.generator.sender_embedding, "generator.sender_embedding",
+         "the released generator has no per-sender embedding: set it false with generator.variant=release")
     for b, key in [(cfg.model.receiver, "model.receiver"), (cfg.model.sender, "model.sender")]:
         if b is None:
             continue

@@ -36,7 +36,7 @@ class LayerAggregator(nn.Module):
         self.log_temperature = nn.Parameter(torch.zeros(()))
 
     def weights(self) -> torch.Tensor:
-        return torch.softmax(self.logits / self.log_temperature.exp(), dim=0)  # [L+1]
+        return torch.softmax(self.logits / self.log_temperature.exp().clamp_min(0.01), dim=0)  # [L+1], as the release
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
         return torch.einsum("l,bsltd->bstd", self.weights(), states)  # [B, S, T, d]

@@ -14,6 +14,7 @@ from tflow.agents import Conditions
 from tflow.errors import CheckpointError
 from tflow.fusion import LoraDelta, fuse
 from tflow.generator import LayerAggregator, ModuleSpec, ParameterGenerator
+from tflow.generator_release import ReleaseParameterGenerator
 from tflow.models import Backbone, target_linears
 from tflow.registry import FUSIONS
 from tflow.utils import provenance, torch_save_atomic
@@ -42,10 +43,16 @@ class TFlow(nn.Module):
         self.specs = specs
         self.scale = lo.alpha / lo.rank
         self.aggregator = LayerAggregator(sender_states)
-        self.generator = ParameterGenerator(
-            specs, sender_dim, len(cfg.agents.senders), lo.rank, width=g.width, depth=g.depth, heads=g.heads,
-            mlp_ratio=g.mlp_ratio, tile_size=g.tile_size, output_scale=lo.output_scale,
-            sender_embedding=g.sender_embedding)
+        if g.variant == "release":
+            self.generator = ReleaseParameterGenerator(
+                specs, sender_dim, len(cfg.agents.senders), lo.rank, width=g.width, depth=g.depth, heads=g.heads,
+                mlp_ratio=g.mlp_ratio, tile_size=g.tile_size, accumulation=g.accumulation,
+                output_scale=lo.output_scale, max_condition_tokens=cfg.agents.max_question_tokens)
+        else:
+            self.generator = ParameterGenerator(
+                specs, sender_dim, len(cfg.agents.senders), lo.rank, width=g.width, depth=g.depth, heads=g.heads,
+                mlp_ratio=g.mlp_ratio, tile_size=g.tile_size, output_scale=lo.output_scale,
+                sender_embedding=g.sender_embedding)
         self.fusion = FUSIONS.load(cfg.fusion.name)(g.width, receiver_dim, cfg.fusion.gate_width)
 
     def factors(self, cond: Conditions) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
