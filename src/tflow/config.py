@@ -100,7 +100,7 @@ class DataConfig:
         SourceWeight("gsm8k", 0.35), SourceWeight("math", 0.35), SourceWeight("mbpp", 0.15),
         SourceWeight("basic_coding", 0.15)])
     per_source_limit: int = 0  # 0 = every decontaminated problem of each source; N: a seeded N of them
-    decontaminate_against: list[str] = field(default_factory=lambda: [  # evaluation tasks (tflow.tasks.TASKS)
+    decontaminate_against: list[str] = field(default_factory=lambda: [  # evaluation tasks; <task>@hub: its hub copy
         "gsm8k", "math500", "mmlu_redux", "humanevalplus", "mbppplus"])
     ngram: int = 13  # word n-gram overlap that marks a training problem as contaminated
     validation_size: int = 64  # problems held back per source (at most a tenth of it) for validation choices
@@ -211,8 +211,10 @@ def validate(cfg: DictConfig) -> None:
         SOURCES.check(entry.source)
         need(entry.weight >= 0, "data.mix", f"weight of {entry.source!r} must be >= 0")
     need(any(e.weight > 0 for e in cfg.data.mix), "data.mix", "needs a source with a positive weight")
-    for name in cfg.data.decontaminate_against:
+    for entry in cfg.data.decontaminate_against:  # task, or task@hub for its hub copy
+        name, _, source = entry.partition("@")
         TASKS.check(name, "data.decontaminate_against")
+        need(source in ("", "hub"), "data.decontaminate_against", f"{entry!r}: write <task> or <task>@hub")
     TASKS.check(cfg.eval.task)
     METHODS.check(cfg.eval.method)
     need(cfg.lora.rank >= 1, "lora.rank", "must be >= 1")

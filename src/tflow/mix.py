@@ -74,13 +74,15 @@ _EVAL_TEXTS: dict[tuple, list[str]] = {}
 
 
 def eval_texts(names: Sequence[str], data_dir: str) -> list[str]:
-    """Every evaluation problem's question and sender view, for the named tasks (offline copies)."""
+    """Every evaluation problem's question and sender view, for the named tasks: `task` reads its offline
+    copy, `task@hub` its hub copy (data.decontaminate_against)."""
     key = (tuple(names), str(data_dir))
     if key not in _EVAL_TEXTS:
         texts: list[str] = []
-        for name in names:
+        for entry in names:
+            name, _, source = entry.partition("@")
             task = get_task(name)
-            for p in task.load(data_dir, "offline")[0]:
+            for p in task.load(data_dir, source or "offline")[0]:
                 texts += [p.question, task.sender_view(p)]
         _EVAL_TEXTS[key] = list(dict.fromkeys(texts))
     return _EVAL_TEXTS[key]

@@ -13,6 +13,7 @@ TASKS: Registry[str] = Registry("task", "eval.task", {
     "mmlu_redux": "tflow.tasks.mmlu_redux:TASK",
     "humanevalplus": "tflow.tasks.humanevalplus:TASK",
     "mbppplus": "tflow.tasks.mbppplus:TASK",
+    "minerva_math": "tflow.tasks.minerva_math:TASK",  # the release's "MATH" (hub, or an offline file you provide)
 })
 
 
