@@ -160,14 +160,14 @@ def test_summarize_accuracy(records, summary):
     assert len(summary) == 2 * 3 + 2 * 3 * 2
     for _, row in summary.iterrows():
         accs = [truth[(row.family, row.task, row.method, row.cell, s)].mean() for s in SEEDS]
-        assert row.acc_mean == pytest.approx(np.mean(accs))
-        assert row.acc_std == pytest.approx(np.std(accs, ddof=1))
-        assert row.acc_ci_low <= row.acc_mean <= row.acc_ci_high
+        assert row.score_mean == pytest.approx(np.mean(accs)) and row.metric == "accuracy"
+        assert row.score_std == pytest.approx(np.std(accs, ddof=1))
+        assert row.score_ci_low <= row.score_mean <= row.score_ci_high
         assert (row.n_problems, row.n_seeds) == (N, 3)
         assert row.tokens_mean == pytest.approx(np.mean([100 + i + 10 * s for i in range(N) for s in SEEDS]))
         assert row.seconds_mean == pytest.approx(0.1 * np.mean(np.arange(1, N + 1)))
         assert row.s_decode_mean == pytest.approx(0.05)
-        assert row.base_acc_mean == pytest.approx(np.mean(np.arange(N) % 3 == 0))
+        assert row.base_correct_mean == pytest.approx(np.mean(np.arange(N) % 3 == 0))
 
 
 def test_summarize_comparison(records, summary):
@@ -179,7 +179,7 @@ def test_summarize_comparison(records, summary):
     assert (other.p_holm >= other.p_perm - 1e-15).all() and (other.p_holm <= 1).all()
     for _, row in other.iterrows():
         base_acc = np.mean([truth[(row.family, row.task, "base", row.cell, s)].mean() for s in SEEDS])
-        assert row.delta == pytest.approx(row.acc_mean - base_acc)
+        assert row.delta == pytest.approx(row.score_mean - base_acc)
         assert row.delta_ci_low <= row.delta <= row.delta_ci_high
         assert len(row.p_mcnemar.split(";")) == 3 and row.n_paired_problems == N
     good = other[other.method == "good"]
@@ -201,8 +201,12 @@ def test_summarize_aligns_on_intersection(records):
     out = summarize(df[keep], "base", n_boot=200, n_perm=200)
     row = out[(out.task == "gsm8k") & (out.method == "good")].iloc[0]
     assert row.n_problems == N and row.n_paired_problems == N - 2
-    no_overlap = df[(df.family == "main") & ~((df.method == "base") & (df.task == "mbpp") & (df.seed == 0))
-                    & ~((df.method == "good") & (df.task == "mbpp") & (df.seed != 0))]
+    other_seeds = df[(df.family == "main") & ~((df.method == "base") & (df.seed == 0))
+                     & ~((df.method == "good") & (df.seed != 0))]  # pairs on problems, each side over its seeds
+    row = summarize(other_seeds, "base", n_boot=200, n_perm=200).query("task == 'mbpp' and method == 'good'").iloc[0]
+    assert row.n_paired_problems == N and row.p_mcnemar == ""
+    no_overlap = df[(df.family == "main") & ~((df.method == "base") & (df.task == "mbpp") & (df.task_id < "mbpp/5"))
+                    & ~((df.method == "good") & (df.task == "mbpp") & (df.task_id >= "mbpp/5"))]
     with pytest.raises(ValueError, match="shares no"):
         summarize(no_overlap, "base", n_boot=200, n_perm=200)
 
@@ -211,8 +215,10 @@ def test_summarize_errors(records):
     df = records[0]
     with pytest.raises(ValueError, match="'control'"):
         summarize(df, "control")
-    with pytest.raises(ValueError, match="seconds"):
-        summarize(df.drop(columns="seconds"), "base")
+    with pytest.raises(ValueError, match="task_id"):
+        summarize(df.drop(columns="task_id"), "base")
+    with pytest.raises(ValueError, match="outcome"):
+        summarize(df.drop(columns="correct"), "base")
     with pytest.raises(ValueError, match="ablation"):
         summarize(df, {"main": "base"})
     with pytest.raises(ValueError, match="duplicate"):
@@ -223,10 +229,10 @@ def test_per_seed(records):
     df, truth = records
     ps = per_seed(df)
     assert len(ps) == (2 * 3 + 2 * 3 * 2) * 3
-    assert list(ps.columns) == ["family", "task", "method", "cell", "seed", "n_problems", "accuracy",
+    assert list(ps.columns) == ["family", "task", "method", "cell", "seed", "metric", "n_problems", "score",
                                 "tokens_mean", "seconds_mean"]
     for _, row in ps.sample(10, random_state=0).iterrows():
-        assert row.accuracy == pytest.approx(truth[(row.family, row.task, row.method, row.cell, row.seed)].mean())
+        assert row.score == pytest.approx(truth[(row.family, row.task, row.method, row.cell, row.seed)].mean())
         assert row.tokens_mean == pytest.approx(100 + 14.5 + 10 * row.seed)
 
 
@@ -251,3 +257,61 @@ def test_summarize_cell_baseline(records):
         summarize(abl, {"ablation": {"cell": "rank~16"}}, n_boot=100, n_perm=100)
     with pytest.raises(ValueError, match="method name or"):
         summarize(abl, {"ablation": {"method": "base"}}, n_boot=100, n_perm=100)
+
+
+# --- training seeds, held-out CE, power, non-inferiority, verdicts ----------------------------------
+
+def test_two_level_bootstrap_widens_the_ci_when_seeds_disagree():
+    """A trained method's seeds are a second source of variation: resampling them widens its CI when the
+    seeds disagree, and changes nothing when they agree."""
+    from tflow.stats import two_level_means
+
+    rng = np.random.default_rng(0)
+    base = rng.random(40) < 0.5
+    x = np.stack([base, base, base]).astype(float)  # identical seeds
+    y = np.stack([base & (rng.random(40) < 0.3), base | (rng.random(40) < 0.7), base]).astype(float)
+    for m, wider in ((x, False), (y, True)):
+        two = two_level_means(m, 4000, np.random.default_rng(1), resample_seeds=True)
+        one = two_level_means(m, 4000, np.random.default_rng(1), resample_seeds=False)
+        assert bool(np.std(two) > 1.2 * np.std(one)) is wider
+        assert np.mean(two) == pytest.approx(m.mean(), abs=0.02)
+
+
+def test_min_p_and_testable():
+    from tflow.stats import min_p
+
+    assert min_p(4) == 0.125 and min_p(10) == pytest.approx(2 ** -9) and min_p(30, 10_000) == pytest.approx(1 / 10_001)
+    rows = []
+    for n in (4, 12):  # 4 problems: no test can reject; 12: it can
+        for i in range(n):
+            for method, c in (("base", False), ("good", True)):
+                rows.append(dict(family=f"f{n}", task="t", method=method, cell="none", seed=0, task_id=f"t/{i}",
+                                 correct=c, processed_tokens=1, seconds=1.0))
+    out = summarize(pd.DataFrame(rows), "base", n_boot=500, n_perm=10_000).set_index("family")
+    assert out.loc["f4"].query("method == 'good'").p_min.iloc[0] == 0.125
+    assert not out.loc["f4"].query("method == 'good'").testable.iloc[0]
+    assert out.loc["f4"].query("method == 'good'").verdict.iloc[0] == "not distinguishable"  # all 4 better: p = 0.125
+    assert out.loc["f12"].query("method == 'good'").testable.iloc[0]
+    assert out.loc["f12"].query("method == 'good'").verdict.iloc[0] == "higher"
+
+
+def test_heldout_ce_records_untrained_baseline_with_one_seed_and_noninferiority():
+    """CE outcomes (lower is better); a trained method with 3 seeds against an untrained baseline run once
+    (greedy runs): paired on problems, not seeds; non-inferiority by the margin in CE's direction."""
+    rng = np.random.default_rng(3)
+    rows = []
+    ce_base = 1.0 + 0.1 * rng.random(60)
+    for i in range(60):
+        rows.append(dict(family="h", task="t", method="base", cell="none", seed=0, task_id=f"t/{i}", ce=ce_base[i],
+                         trained=False))
+        for s in range(3):
+            rows.append(dict(family="h", task="t", method="better", cell="main", seed=s, task_id=f"t/{i}",
+                             ce=ce_base[i] - 0.2 + 0.01 * s, trained=True))
+            rows.append(dict(family="h", task="t", method="close", cell="main", seed=s, task_id=f"t/{i}",
+                             ce=ce_base[i] + 0.01 * (s - 1) + 0.002 * rng.standard_normal(), trained=True))
+    out = summarize(pd.DataFrame(rows), "base", n_boot=2000, n_perm=2000, margin=0.05).set_index("method")
+    assert (out.metric == "ce").all() and out.loc["better", "n_seeds"] == 3 and out.loc["base", "n_seeds"] == 1
+    assert out.loc["better", "delta"] == pytest.approx(-0.19, abs=1e-9) and out.loc["better", "verdict"] == "lower"
+    assert out.loc["better", "delta_ci_high"] < 0 and out.loc["better", "noninferior"]
+    assert out.loc["close", "verdict"] == "not distinguishable" and out.loc["close", "noninferior"]
+    assert out.loc["better", "p_mcnemar"] == ""  # seeds differ: no per-seed McNemar

@@ -42,8 +42,9 @@ def collect(root: str | Path) -> pd.DataFrame:
 
 def records_frame(manifest: Sequence[dict]) -> pd.DataFrame:
     """The long-format per-problem table the statistics read: one row per (family, task, method, cell,
-    seed, problem). `manifest` rows name family, task, method, cell, seed and the metrics.json path;
-    the records are read from the records.jsonl beside it (checked complete against metrics.json)."""
+    seed, problem). `manifest` rows name family, task, method, cell, seed, the metrics.json path, whether
+    the method trains (`trained`) and the cell's swept values; the records are read from the records.jsonl
+    beside it (checked complete against metrics.json). Held-out records carry `ce` instead of `correct`."""
     rows = []
     for entry in manifest:
         folder = Path(entry["path"]).parent
@@ -56,12 +57,17 @@ def records_frame(manifest: Sequence[dict]) -> pd.DataFrame:
         for tid in m["data"]["task_ids"]:
             r = by_id[tid]
             row = {k: entry[k] for k in ("family", "task", "method", "cell", "seed")}
-            row["cell_params"] = entry.get("cell_params", "{}")
-            row.update(task_id=tid, correct=bool(r["correct"]), processed_tokens=r["processed_tokens"],
-                       seconds=sum(r["seconds"].values()), truncated=bool(r["truncated"]))
-            if isinstance(r.get("detail"), dict) and "base" in r["detail"]:
-                row["base_correct"] = r["detail"]["base"] == "pass"
-            row.update({f"s_{k}": v for k, v in r["seconds"].items()})
+            row.update(task_id=tid, cell_params=entry.get("cell_params", "{}"), trained=bool(entry.get("trained")))
+            if "ce" in r:  # held-out: the receiver's cross-entropy on the reference solution
+                row.update(ce=r["ce"], scored_tokens=r["tokens_scored"], seconds=r.get("seconds_total"))
+            else:
+                receiver = r["tokens"].get("receiver", {})
+                row.update(correct=bool(r["correct"]), processed_tokens=r["processed_tokens"],
+                           receiver_tokens=receiver.get("prompt", 0) + receiver.get("generated", 0),
+                           seconds=sum(r["seconds"].values()), truncated=bool(r["truncated"]))
+                if isinstance(r.get("detail"), dict) and "base" in r["detail"]:
+                    row["base_correct"] = r["detail"]["base"] == "pass"
+                row.update({f"s_{k}": v for k, v in r["seconds"].items()})
             rows.append(row)
     return pd.DataFrame(rows)
 

@@ -143,6 +143,9 @@ class EvalConfig:
     batch_size: int = 8
     seed: int = 0  # sampling seed and the shuffled-condition permutation
     textmas_preset: str = "long"  # long: senders write up to 1024 tokens (paper); short48: exactly 48 each
+    # The receiver's role prompt at evaluation (None: agents.receiver, the prompt it was trained with). The
+    # prompt-confound arm sets `executor`, a paraphrase of the release's task-specific executor prompts.
+    receiver_role: Optional[str] = None
     message_tokens: Optional[int] = None  # overrides the preset's sender message budget
     ac_sender_layer: Optional[int] = None  # activation communication: sender layer k (None: round(0.93 L))
     ac_receiver_layer: Optional[int] = None  # receiver layer j (None: round(0.93 L)); negative counts from the end
@@ -216,6 +219,8 @@ def validate(cfg: DictConfig) -> None:
         TASKS.check(name, "data.decontaminate_against")
         need(source in ("", "hub"), "data.decontaminate_against", f"{entry!r}: write <task> or <task>@hub")
     TASKS.check(cfg.eval.task)
+    if cfg.eval.receiver_role is not None:
+        ROLES.check(cfg.eval.receiver_role, "eval.receiver_role")
     METHODS.check(cfg.eval.method)
     need(cfg.lora.rank >= 1, "lora.rank", "must be >= 1")
     need(cfg.lora.factor_dtype in ("float32", "bfloat16"), "lora.factor_dtype", "must be float32 or bfloat16")

@@ -134,9 +134,13 @@ def quote(args: Sequence[Any]) -> str:
 
 
 # ----------------------------------------------------------------------------- the DAG
+KINDS = {"eval": "tflow.evaluate", "heldout": "tflow.heldout"}  # a family's kind -> the entry point of its jobs
+
+
 @dataclass(frozen=True)
 class EvalJob:
     family: str
+    kind: str  # eval (answers, scored) | heldout (teacher-forced CE on reference solutions)
     task: str
     method: str  # DAG name
     cell: str
@@ -195,8 +199,8 @@ class Experiment:
     def trained_marker(self, method: str, seed: int | str) -> str:
         return f"{self.trained_dir(method, seed)}/trained.json"
 
-    def eval_path(self, task: str, method: str, cell: str, seed: int | str) -> str:
-        return f"{self.root}/eval/{task}/{method}/{cell}/seed~{seed}/metrics.json"
+    def eval_path(self, task: str, method: str, cell: str, seed: int | str, kind: str = "eval") -> str:
+        return f"{self.root}/{kind}/{task}/{method}/{cell}/seed~{seed}/metrics.json"
 
     def data_manifest(self, task: str) -> str:
         return f"{self.root}/data/{task}.json"
@@ -206,18 +210,29 @@ class Experiment:
         """The cell a method runs in inside a method family."""
         return MAIN_CELL if dag_method(method)[1].cell else NO_CELL
 
+    def method_seeds(self, method: str) -> list[int]:
+        """A method's seeds: all of them, except that under greedy decoding a method that trains nothing gives
+        the same answers for every seed and runs once (seed: the first)."""
+        sampled = bool((self.config.get("eval") or {}).get("do_sample", False))
+        return self.seeds if sampled or dag_method(method)[1].needs != "none" else self.seeds[:1]
+
+    def multi_seed_methods(self) -> list[str]:
+        return sorted({j.method for j in self.eval_jobs() if len(self.method_seeds(j.method)) > 1})
+
     def eval_jobs(self) -> list[EvalJob]:
         """Every evaluation the tables and figures use (families at their cell, ablations at every cell)."""
         jobs = []
         for fam, spec in self.config["families"].items():
+            kind = spec.get("kind", "eval")
             for m in spec["methods"]:
-                jobs += [EvalJob(fam, t, m, self.method_cell(m), s, self.eval_path(t, m, self.method_cell(m), s))
-                         for t in self.family_tasks(fam) for s in self.seeds]
+                c = self.method_cell(m)
+                jobs += [EvalJob(fam, kind, t, m, c, s, self.eval_path(t, m, c, s, kind))
+                         for t in self.family_tasks(fam) for s in self.method_seeds(m)]
         for fam, cells in self.sweeps.items():
             spec = self.config["ablations"][fam]
             m = spec.get("method", "tflow")
-            jobs += [EvalJob(fam, t, m, c, s, self.eval_path(t, m, c, s))
-                     for c in cells for t in spec["tasks"] for s in self.seeds]
+            jobs += [EvalJob(fam, "eval", t, m, c, s, self.eval_path(t, m, c, s))
+                     for c in cells for t in spec["tasks"] for s in self.method_seeds(m)]
         return jobs
 
     def trained_methods(self) -> list[str]:
@@ -233,7 +248,8 @@ class Experiment:
             return self.trained_dir(base, seed)
         return None
 
-    def eval_inputs(self, task: str, method: str, cell: str, seeds: Sequence[int | str]) -> dict[str, Any]:
+    def eval_inputs(self, task: str, method: str, cell: str, seeds: Sequence[int | str], kind: str = "eval"
+                    ) -> dict[str, Any]:
         """An evaluate job's inputs: run-config layers, the task's data manifest, and per seed the generator
         or trained module its method needs."""
         inputs: dict[str, Any] = {"layers": self.layers, "data": self.data_manifest(task)}
@@ -244,28 +260,33 @@ class Experiment:
             inputs["checkpoint"] = [self.trained_marker(base, s) for s in seeds]
         return inputs
 
-    def eval_overrides(self, task: str, method: str, cell: str) -> list[str]:
-        """The key=value overrides shared by every seed of an evaluation (task, method, cell)."""
+    def eval_overrides(self, task: str, method: str, cell: str, kind: str = "eval") -> list[str]:
+        """The key=value overrides shared by every seed of an evaluation (task, method, cell); a held-out job's
+        problems are its family's `n` (held-out jobs run every held-out family's largest n)."""
         _, spec, method_args = dag_method(method)
         cell_args = self.cell_overrides(cell) if spec.cell else self.cell_overrides(MAIN_CELL) \
             if spec.needs == "trained" else []
         extra = (self.config.get("method_overrides") or {}).get(method, [])
+        held = [f"eval.n={self.heldout_n()}"] if kind == "heldout" else []
         return (self.common + self.eval_settings() + [f"eval.task={task}"] + method_args + cell_args + list(extra)
-                + list((self.config.get("task_overrides") or {}).get(task, [])))
+                + list((self.config.get("task_overrides") or {}).get(task, [])) + held)
 
-    def seed_overrides(self, task: str, method: str, cell: str, seed: int | str) -> list[str]:
+    def heldout_n(self) -> int:
+        return max(int(s.get("n") or 64) for s in self.config["families"].values() if s.get("kind") == "heldout")
+
+    def seed_overrides(self, task: str, method: str, cell: str, seed: int | str, kind: str = "eval") -> list[str]:
         ckpt = self.checkpoint(method, cell, seed)
-        out = str(Path(self.eval_path(task, method, cell, seed)).parent)
+        out = str(Path(self.eval_path(task, method, cell, seed, kind)).parent)
         return [f"eval.seed={seed}", f"eval.out_dir={out}"] + ([f"eval.checkpoint={ckpt}"] if ckpt else [])
 
-    def eval_args(self, task: str, method: str, cell: str, seeds: Sequence[int | str]) -> str:
-        """tflow.evaluate's arguments: the shared overrides, then each seed's own (seed, folder, checkpoint),
+    def eval_args(self, task: str, method: str, cell: str, seeds: Sequence[int | str], kind: str = "eval") -> str:
+        """The entry point's arguments: the shared overrides, then each seed's own (seed, folder, checkpoint),
         inline for one seed or as `--each` runs of one process."""
-        shared = self.eval_overrides(task, method, cell)
+        shared = self.eval_overrides(task, method, cell, kind)
         if len(seeds) == 1:
-            return quote(shared + self.seed_overrides(task, method, cell, seeds[0]))
-        return quote(shared) + "".join(f" --each {shlex.quote(quote(self.seed_overrides(task, method, cell, s)))}"
-                                       for s in seeds)
+            return quote(shared + self.seed_overrides(task, method, cell, seeds[0], kind))
+        return quote(shared) + "".join(
+            f" --each {shlex.quote(quote(self.seed_overrides(task, method, cell, s, kind)))}" for s in seeds)
 
     def train_overrides(self, cell: str, seed: int | str, out_dir: str) -> list[str]:
         """A training job's overrides: the cell (the main cell for a method's own module), seed, folder."""
@@ -281,6 +302,31 @@ class Experiment:
         """prepare_data's overrides: the subset of one task is the one its evaluations draw."""
         return self.common + self.eval_settings() + list((self.config.get("task_overrides") or {}).get(task, []))
 
+    # -- what was run (the paper's Setup paragraph; the facts rule adds the trained parameter counts)
+    def facts(self) -> dict[str, Any]:
+        cfg, ev = self._main_cfg, self.config.get("eval") or {}
+        sender = cfg.model.sender or cfg.model.receiver
+        long = load_config(self.layers, self.eval_overrides(self.tasks[0], "textmas-long", NO_CELL))
+        from tflow.methods import TEXTMAS_PRESETS
+
+        decoding = (f"sampled (temperature {ev.get('temperature')}, top-p {ev.get('top_p')})" if ev.get("do_sample")
+                    else "greedy")
+        return {"run": self.config["run_name"], "scale": self.config.get("description", ""),
+                "receiver": cfg.model.receiver.name, "sender": sender.name, "decoding": decoding,
+                "max_new_tokens": ev.get("max_new_tokens"),
+                "message_tokens": long.eval.message_tokens or TEXTMAS_PRESETS["long"]["message_tokens"],
+                "train_steps": cfg.train.steps, "train_batch": cfg.train.batch_size,
+                "mix": ", ".join(f"{e.source} {e.weight:g}" for e in cfg.data.mix),
+                "generator": {"variant": cfg.generator.variant}}
+
+    def facts_inputs(self) -> dict[str, list[str]]:
+        """What the facts rule reads the trained parameter counts from (train_summary.json beside each): the
+        main generator and each trained method's module (first seed)."""
+        out = {"trained": [self.trained_marker(m, self.seeds[0]) for m in self.trained_methods()]}
+        if any(dag_method(j.method)[1].needs == "generator" for j in self.eval_jobs()):
+            out["generator"] = [self.generator_path(MAIN_CELL, self.seeds[0])]
+        return out
+
     # -- aggregation
     def records_manifest(self) -> list[dict[str, Any]]:
         """Rows of the long-format records table: which evaluation belongs to which family and cell, and
@@ -290,7 +336,8 @@ class Experiment:
             keys = list(next(iter(self.sweeps[j.family].values()))) if j.family in self.sweeps else []
             params = {k: self.cell_values(j.cell).get(k, self.main_value(k)) for k in keys}
             rows.append({"family": j.family, "task": j.task, "method": j.method, "cell": j.cell, "seed": j.seed,
-                         "path": j.path, "cell_params": json.dumps(params)})
+                         "path": j.path, "cell_params": json.dumps(params),
+                         "trained": dag_method(j.method)[1].needs != "none"})
         return rows
 
     def baselines(self) -> dict[str, Any]:
@@ -312,6 +359,8 @@ class Experiment:
                 dag_method(m)
             if spec["baseline"] not in spec["methods"]:
                 raise ConfigError(f"config families.{fam}.baseline {spec['baseline']!r} is not one of its methods")
+            if spec.get("kind", "eval") not in KINDS:
+                raise ConfigError(f"config families.{fam}.kind must be one of {list(KINDS)}")
         if set(self.config["families"]) & set(self.sweeps):
             raise ConfigError(f"families and ablations share names: {sorted(set(self.config['families']) & set(self.sweeps))}")
         for fam, spec in (self.config.get("ablations") or {}).items():
@@ -330,9 +379,8 @@ class Experiment:
                     load_config(self.layers, self.train_overrides(cell, 0, "unused"))
                 except ConfigError as err:
                     raise ConfigError(f"{self.config['ablations'][fam]['sweep']} row {i + 2} (cell {cell}): {err}") from None
-        for t in self.tasks:
-            for m in dict.fromkeys(j.method for j in self.eval_jobs() if j.task == t):
-                load_config(self.layers, self.eval_overrides(t, m, self.method_cell(m)))
+        for kind, t, m in dict.fromkeys((j.kind, j.task, j.method) for j in self.eval_jobs()):
+            load_config(self.layers, self.eval_overrides(t, m, self.method_cell(m), kind))
 
 
 class _MainValues(Mapping[str, str]):

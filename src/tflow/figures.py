@@ -25,7 +25,8 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: 
 import pandas as pd  # noqa: E402
 
 from tflow.accounting import PHASES as PHASE_NAMES  # noqa: E402
-from tflow.artifacts import cell_params, finite, label, load_specs, order_key, read_frame, swept_keys  # noqa: E402
+from tflow.artifacts import load_specs, read_frame  # noqa: E402
+from tflow.tex import cell_params, finite, label, order_key, swept_keys  # noqa: E402
 from tflow.utils import atomic_path  # noqa: E402
 
 OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
@@ -71,16 +72,16 @@ def _rows(stats, spec, method, task):
 def frontier(stats, per_seed, spec, specs):
     methods = spec["methods"]
     fig, panels = _panels(spec, stats, specs, lambda t: any(
-        len(_rows(stats, spec, m, t).dropna(subset=["acc_mean", "tokens_mean"])) for m in methods))
+        len(_rows(stats, spec, m, t).dropna(subset=["score_mean", "tokens_mean"])) for m in methods))
     handles = {}
     for ax, t in panels:
         for i, m in enumerate(methods):
-            d = _rows(stats, spec, m, t).dropna(subset=["acc_mean", "tokens_mean"])
+            d = _rows(stats, spec, m, t).dropna(subset=["score_mean", "tokens_mean"])
             if d.empty:
                 continue
             r = d.iloc[0]
-            y = 100 * r["acc_mean"]
-            yerr = [[y - 100 * r["acc_ci_low"]], [100 * r["acc_ci_high"] - y]] if finite(r.get("acc_ci_low")) else None
+            y = 100 * r["score_mean"]
+            yerr = [[y - 100 * r["score_ci_low"]], [100 * r["score_ci_high"] - y]] if finite(r.get("score_ci_low")) else None
             xerr = None
             if per_seed is not None:
                 s = per_seed[(per_seed.family == r["family"]) & (per_seed.task == t) & (per_seed.method == m)
@@ -107,7 +108,7 @@ def frontier(stats, per_seed, spec, specs):
 def ablation(stats, per_seed, spec, specs):
     """Accuracy against the first swept key of the family (or `param`); non-numeric values are categories."""
     method, order = spec.get("method", "tflow"), spec.get("order")
-    fig, panels = _panels(spec, stats, specs, lambda t: len(_rows(stats, spec, method, t).dropna(subset=["acc_mean"])))
+    fig, panels = _panels(spec, stats, specs, lambda t: len(_rows(stats, spec, method, t).dropna(subset=["score_mean"])))
     family = stats[(stats.family == spec["family"]) & (stats.method == method)]
     param = next(iter(swept_keys(family, spec)), None)
     values = {str(r["cell"]): cell_params(r).get(param) for _, r in family.iterrows()}
@@ -115,7 +116,7 @@ def ablation(stats, per_seed, spec, specs):
     if categorical is None:  # numbers on a numeric axis, names as categories
         categorical = not all(_is_number(v) for v in values.values())
     for ax, t in panels:
-        d = _rows(stats, spec, method, t).dropna(subset=["acc_mean"]).copy()
+        d = _rows(stats, spec, method, t).dropna(subset=["score_mean"]).copy()
         d["value"] = [values.get(c) for c in d.cell.astype(str)]
         if d.value.isna().any():
             raise FigureDataError(f"figure spec {spec['name']!r}: cells {list(d.cell[d.value.isna()])} of task {t!r} "
@@ -123,7 +124,7 @@ def ablation(stats, per_seed, spec, specs):
         d = d.iloc[sorted(range(len(d)), key=lambda i: order_key(d.value.iloc[i], order))]
         pos = {v: (i if categorical else float(v)) for i, v in enumerate(d.value)}
         x = np.array([pos[v] for v in d.value])
-        y, lo, hi = 100 * d.acc_mean.to_numpy(), 100 * d.acc_ci_low.to_numpy(), 100 * d.acc_ci_high.to_numpy()
+        y, lo, hi = 100 * d.score_mean.to_numpy(), 100 * d.score_ci_low.to_numpy(), 100 * d.score_ci_high.to_numpy()
         if categorical:
             ax.errorbar(x, y, yerr=[y - lo, hi - y], fmt="o", color=OKABE_ITO[0], capsize=4, label="mean (95% CI)")
         else:
@@ -135,7 +136,7 @@ def ablation(stats, per_seed, spec, specs):
             if len(s):
                 xs = np.array([pos[values[c]] for c in s.cell.astype(str)])
                 jit = (np.arange(len(s)) % 5 - 2) * 0.03 if categorical else 0.0
-                ax.scatter(xs + jit, 100 * s.accuracy, s=14, color=OKABE_ITO[1], marker="D", alpha=0.8,
+                ax.scatter(xs + jit, 100 * s.score, s=14, color=OKABE_ITO[1], marker="D", alpha=0.8,
                            zorder=3, label="seed")
         if categorical:
             ax.set_xticks(list(pos.values()), list(pos))
@@ -187,7 +188,27 @@ def _is_number(value) -> bool:
         return False
 
 
-KINDS = {"frontier": frontier, "ablation": ablation, "phase_time": phase_time}
+def scores(stats, per_seed, spec, specs):
+    """Each method's score (accuracy %, or CE) with its 95% CI, a panel per task (the held-out family)."""
+    methods = spec["methods"]
+    fig, panels = _panels(spec, stats, specs, lambda t: any(
+        len(_rows(stats, spec, m, t).dropna(subset=["score_mean"])) for m in methods))
+    for ax, t in panels:
+        shown = [(i, m, _rows(stats, spec, m, t).dropna(subset=["score_mean"])) for i, m in enumerate(methods)]
+        shown = [(i, m, d.iloc[0]) for i, m, d in shown if len(d)]
+        ce = shown[0][2]["metric"] == "ce"
+        k = 1.0 if ce else 100.0
+        for j, (i, m, r) in enumerate(shown):
+            y = k * r["score_mean"]
+            ax.errorbar([j], [y], yerr=[[y - k * r["score_ci_low"]], [k * r["score_ci_high"] - y]], fmt=MARKERS[i % 8],
+                        color=OKABE_ITO[i % len(OKABE_ITO)], capsize=4, markersize=7)
+        ax.set_xticks(range(len(shown)), [label(specs, "method", m, tex=False) for _, m, _ in shown], rotation=30,
+                      ha="right")
+        ax.set_ylabel("Cross-entropy on reference solutions (nats/token)" if ce else "Accuracy (%)")
+    return fig
+
+
+KINDS = {"frontier": frontier, "ablation": ablation, "phase_time": phase_time, "scores": scores}
 
 
 def render_figure(stats: pd.DataFrame, per_seed: pd.DataFrame | None, spec: dict, specs: dict):

@@ -21,6 +21,13 @@ ROLES: Registry[str] = Registry("role", "agents.senders / agents.receiver", {
     "solver": (
         "You are a careful problem solver. Think step by step and state the final answer clearly at the end."
     ),
+    # The prompt-confound arm: the release's receiver is an "executor" whose dataset-specific system prompts
+    # push for concise, non-repetitive solving and a final re-check (written here in our own words).
+    "executor": (
+        "You are the executor of a problem-solving team. Solve concisely: state each intermediate result once, "
+        "never repeat a calculation or an approach you have tried, re-read the question to answer exactly what "
+        "it asks, check that you used every given fact, and end with the final answer in the requested format."
+    ),
 })
 
 

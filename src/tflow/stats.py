@@ -1,19 +1,28 @@
 """Statistics of the paper tables, computed from per-problem outcomes.
 
-The unit of analysis is the per-problem outcome (``correct`` for one task_id, one seed). Choices:
+The unit of analysis is the per-problem outcome of one seed: `correct` (accuracy families) or `ce`, the
+receiver's teacher-forced cross-entropy on a reference solution (the held-out family; lower is better).
+Choices:
 
-* Spread over seeds: mean and sample std (ddof=1) of the per-seed accuracies; the std is NaN for one seed.
-* Confidence intervals: percentile bootstrap that resamples PROBLEMS (the columns of a [seeds, problems]
-  matrix); the statistic is the mean over seeds and problems. Seeds are not resampled: with about five
-  seeds the seed-level distribution is too coarse, while the problem set is the real sampling unit.
-  Deltas use the paired bootstrap: the same resampled problems for the method and its baseline.
+* Spread over seeds: mean and sample std (ddof=1) of the per-seed scores; the std is NaN for one seed.
+* Confidence intervals (95%, percentile bootstrap). Problems are always resampled (the columns of a
+  [seeds, problems] matrix). For a method that trains (a generator or its own module; records column
+  `trained`) the seeds are training seeds, a second source of variation: they are resampled too (a
+  two-level bootstrap, seeds x problems). Differences use the paired bootstrap: the same resampled
+  problems for a method and its baseline, each side's seeds resampled when it trains.
 * Tests against the baseline: a two-sided sign-flip permutation test over problems on the per-problem
-  differences (method minus baseline, averaged over seeds). A Wilcoxon test over 5 seed-level
-  accuracies cannot reject anything at 0.05: its smallest two-sided p-value with 5 pairs is
-  2/2**5 = 0.0625. Per seed the exact McNemar test (binomial test on the discordant pairs) is reported too.
+  differences (each side averaged over its own seeds). Its smallest reachable p-value with n paired
+  problems is 2/2**n (`p_min`; 4 problems: 0.125), and Holm over m comparisons multiplies the smallest
+  by m: a family whose m * p_min is not below alpha cannot reject anything (`testable`). A Wilcoxon
+  test over 5 seed-level accuracies could not reject anything at 0.05 either (its smallest two-sided p
+  is 0.0625). Where a method and its baseline share seeds, the exact McNemar test per seed is reported
+  too (accuracy).
+* Non-inferiority ("competitive with"): one-sided bootstrap p-value that the difference is worse than
+  the margin (accuracy: delta <= -margin; CE: delta >= +margin), Holm-corrected like the tests.
+* Verdict: "higher" / "lower" (the score's direction: for CE, lower is better) when p_Holm < alpha, else
+  "not distinguishable"; `noninferior` when the non-inferiority p_Holm < alpha.
 * Multiplicity: Holm step-down over the non-baseline rows of one table/figure family (a family is one
   claim being tested, e.g. "ablation_rank"); families are not pooled, being separate questions.
-* Comparisons use the intersection of seeds and task_ids shared by a method and its baseline.
 """
 from __future__ import annotations
 
@@ -26,9 +35,10 @@ from scipy.stats import binomtest
 
 from tflow.accounting import PHASES
 
-REQUIRED_COLUMNS = ("family", "task", "method", "cell", "seed", "task_id", "correct", "processed_tokens", "seconds")
+REQUIRED_COLUMNS = ("family", "task", "method", "cell", "seed", "task_id")
 PHASE_COLUMNS = tuple(f"s_{phase}" for phase in PHASES)  # per-problem seconds of each phase (tflow.accounting)
 GROUP_KEYS = ["family", "task", "method", "cell"]
+LOWER_IS_BETTER = {"ce"}
 _CHUNK = 2048
 
 
@@ -154,34 +164,76 @@ def holm(pvalues: Sequence[float] | np.ndarray) -> np.ndarray:
 
 
 def _validate(records: pd.DataFrame) -> pd.DataFrame:
+    """The records with `metric` ("accuracy" or "ce"), `y` (the outcome), `trained` filled in."""
     missing = [c for c in REQUIRED_COLUMNS if c not in records.columns]
     if missing:
         raise ValueError(f"records frame lacks required columns {missing}; has {list(records.columns)}")
     if records.empty:
         raise ValueError("records frame is empty")
-    if records["correct"].isna().any():
-        raise ValueError("records column 'correct' contains missing values")
-    dup = records.duplicated(GROUP_KEYS + ["seed", "task_id"])
-    if dup.any():
-        first = records.loc[dup, GROUP_KEYS + ["seed", "task_id"]].iloc[0].to_dict()
-        raise ValueError(f"duplicate (family, task, method, cell, seed, task_id) records, e.g. {first}")
     out = records.copy()
-    out["correct"] = out["correct"].astype(bool).astype(float)
+    for col in ("correct", "ce", "processed_tokens", "seconds"):
+        if col not in out.columns:
+            out[col] = np.nan
+    has_ce = out["ce"].notna()
+    if (out["correct"].isna() & ~has_ce).any():
+        raise ValueError("records lack an outcome (column 'correct', or 'ce' for held-out records)")
+    out["metric"] = np.where(has_ce, "ce", "accuracy")
+    out["y"] = np.where(has_ce, out["ce"], out["correct"].astype(float))
+    out["trained"] = out["trained"].fillna(False).astype(bool) if "trained" in out.columns else False
+    dup = out.duplicated(GROUP_KEYS + ["seed", "task_id"])
+    if dup.any():
+        first = out.loc[dup, GROUP_KEYS + ["seed", "task_id"]].iloc[0].to_dict()
+        raise ValueError(f"duplicate (family, task, method, cell, seed, task_id) records, e.g. {first}")
     return out
 
 
-def _matrix(group: pd.DataFrame, column: str = "correct") -> pd.DataFrame:
+def _matrix(group: pd.DataFrame, column: str = "y") -> pd.DataFrame:
     """[seeds, task_ids] matrix of ``column`` (NaN where a seed lacks a problem)."""
     return group.pivot(index="seed", columns="task_id", values=column).astype(float)
 
 
 def per_seed(records: pd.DataFrame) -> pd.DataFrame:
-    """One row per (family, task, method, cell, seed): n_problems, accuracy, tokens_mean, seconds_mean."""
+    """One row per (family, task, method, cell, seed): n_problems, score (accuracy or CE), tokens, seconds."""
     r = _validate(records)
     return (r.groupby(GROUP_KEYS + ["seed"], sort=True)
-            .agg(n_problems=("task_id", "nunique"), accuracy=("correct", "mean"),
+            .agg(metric=("metric", "first"), n_problems=("task_id", "nunique"), score=("y", "mean"),
                  tokens_mean=("processed_tokens", "mean"), seconds_mean=("seconds", "mean"))
             .reset_index())
+
+
+def _filled(x: np.ndarray) -> np.ndarray:
+    """[seeds, problems] with a missing cell replaced by its problem's mean over the other seeds."""
+    x = np.asarray(x, dtype=float)
+    if np.isnan(x).any():
+        with np.errstate(all="ignore"):
+            x = np.where(np.isnan(x), np.nanmean(x, axis=0, keepdims=True), x)
+    return x
+
+
+def two_level_means(x: np.ndarray, n_boot: int, rng: np.random.Generator, problems: np.ndarray | None = None,
+                    resample_seeds: bool = True) -> np.ndarray:
+    """Bootstrap means of a [seeds, problems] matrix: seeds (when `resample_seeds` and there are several)
+    and problems resampled with replacement; `problems` [n_boot, n] gives the problem counts to share with
+    a paired side. Returns [n_boot]."""
+    x = _filled(x)
+    S, n = x.shape
+    out = np.empty(n_boot)
+    for start in range(0, n_boot, _CHUNK):
+        k = min(_CHUNK, n_boot - start)
+        if resample_seeds and S > 1:
+            seeds = rng.multinomial(S, np.full(S, 1.0 / S), size=k)  # [k, S] counts
+            cols = seeds @ x / S  # [k, n] per-problem means over the resampled seeds
+        else:
+            cols = np.broadcast_to(x.mean(0), (k, n))
+        counts = problems[start:start + k] if problems is not None else rng.multinomial(n, np.full(n, 1.0 / n), size=k)
+        out[start:start + k] = (counts * cols).sum(1) / n
+    return out
+
+
+def min_p(n_paired: int, n_perm: int = 10_000) -> float:
+    """The smallest two-sided p the sign-flip test can return with n paired problems."""
+    exact = 2.0 ** (1 - n_paired) if n_paired > 0 else 1.0
+    return exact if 2.0 ** n_paired <= n_perm else max(exact, 1.0 / (n_perm + 1))
 
 
 Baseline = str | Mapping[str, str]
@@ -211,61 +263,75 @@ def _baseline_key(baselines: Mapping[str, Baseline] | str, key: tuple[str, str, 
 
 
 def summarize(records: pd.DataFrame, baselines: Mapping[str, Baseline] | str, n_boot: int = 10_000,
-              level: float = 0.95, rng_seed: int = 0, n_perm: int = 10_000) -> pd.DataFrame:
-    """One row per (family, task, method, cell): accuracy with seed std and problem bootstrap CI, cost
-    means, and the comparison against the family's baseline: the baseline method in the same task and cell,
-    or (``{"cell": c}``) the same method and task in cell c. Paired on the shared seeds and task_ids; Holm
-    over the non-baseline rows of each family, applied to p_perm; ``is_baseline`` marks the reference rows."""
+              level: float = 0.95, rng_seed: int = 0, n_perm: int = 10_000, margin: float = 0.05,
+              alpha: float = 0.05) -> pd.DataFrame:
+    """One row per (family, task, method, cell): the score (accuracy or CE) with its seed std and bootstrap
+    CI, cost means, and the comparison against the family's baseline (the baseline method in the same task,
+    or, with ``{"cell": c}``, the same method and task in cell c), paired on the shared task_ids: delta, its
+    CI, p_perm, p_min, p_holm, the non-inferiority p and the verdict. Holm within each family."""
     r = _validate(records)
     phases = [c for c in PHASE_COLUMNS if c in r.columns]
     groups = {key: g for key, g in r.groupby(GROUP_KEYS, sort=True)}
     rows = []
-    for (family, task, method, cell), g in groups.items():
+    for i, ((family, task, method, cell), g) in enumerate(groups.items()):
+        rng = np.random.default_rng([rng_seed, i])
         base_key, base = _baseline_key(baselines, (family, task, method, cell), groups)
         is_baseline = base_key == (family, task, method, cell)
-        seed_acc = g.groupby("seed")["correct"].mean()
-        acc_mean, acc_std = mean_std(seed_acc.to_numpy())
-        lo, hi = bootstrap_ci(_matrix(g).to_numpy(), n_boot, level, rng_seed)
-        row: dict[str, Any] = dict(family=family, task=task, method=method, cell=cell,
-                                   n_problems=g["task_id"].nunique(), n_seeds=seed_acc.size,
-                                   acc_mean=acc_mean, acc_std=acc_std, acc_ci_low=lo, acc_ci_high=hi,
+        metric, trained = g["metric"].iloc[0], bool(g["trained"].iloc[0])
+        seed_score = g.groupby("seed")["y"].mean()
+        mean, std = mean_std(seed_score.to_numpy())
+        boots = two_level_means(_matrix(g).to_numpy(), n_boot, rng, resample_seeds=trained)
+        lo, hi = _percentile(boots, level)
+        row: dict[str, Any] = dict(family=family, task=task, method=method, cell=cell, metric=metric,
+                                   trained=trained, n_problems=g["task_id"].nunique(), n_seeds=seed_score.size,
+                                   score_mean=mean, score_std=std, score_ci_low=lo, score_ci_high=hi,
                                    tokens_mean=float(g["processed_tokens"].mean()),
-                                   seconds_mean=float(g["seconds"].mean()))
+                                   seconds_mean=float(g["seconds"].mean()),
+                                   truncated_rate=float(g["truncated"].mean()) if "truncated" in g else np.nan)
         if "cell_params" in g.columns:  # the swept run-config values of an ablation cell (JSON)
             row["cell_params"] = g["cell_params"].iloc[0]
+        for col in ("receiver_tokens", "base_correct"):
+            if col in g.columns:
+                row[f"{col}_mean"] = float(g[col].astype(float).mean()) if g[col].notna().any() else np.nan
         with np.errstate(all="ignore"):
             for c in phases:
                 row[f"{c}_mean"] = float(np.nanmean(g[c].to_numpy(dtype=float))) if g[c].notna().any() else np.nan
-        if "base_correct" in g.columns:
-            bc = g.dropna(subset=["base_correct"])
-            row["base_acc_mean"] = (float(bc.assign(b=bc["base_correct"].astype(bool).astype(float))
-                                          .groupby("seed")["b"].mean().mean()) if len(bc) else np.nan)
-        row.update(baseline=base, is_baseline=is_baseline, n_paired_problems=np.nan, n_paired_seeds=np.nan,
-                   delta=np.nan,
-                   delta_ci_low=np.nan, delta_ci_high=np.nan, p_mcnemar="", p_mcnemar_max=np.nan,
-                   p_perm=np.nan)
+        row.update(baseline=base, is_baseline=is_baseline, n_paired_problems=np.nan, delta=np.nan,
+                   delta_ci_low=np.nan, delta_ci_high=np.nan, p_mcnemar="", p_mcnemar_max=np.nan, p_perm=np.nan,
+                   p_min=np.nan, p_noninf=np.nan)
         if not is_baseline:
             where = f"family={family!r} task={task!r} method={method!r} cell={cell!r}"
             if base_key not in groups:
                 raise ValueError(f"baseline {base!r} (method {base_key[2]!r}, cell {base_key[3]!r}) missing for {where}")
             b = groups[base_key]
+            shared = sorted(set(g["task_id"]) & set(b["task_id"]))
+            if not shared:
+                raise ValueError(f"{where} shares no task_id with baseline {base!r}")
+            ma, mb = _matrix(g)[shared].to_numpy(), _matrix(b)[shared].to_numpy()
+            d = _problem_means(ma) - _problem_means(mb)
+            counts = rng.multinomial(len(shared), np.full(len(shared), 1.0 / len(shared)), size=n_boot)
+            deltas = (two_level_means(ma, n_boot, rng, counts, trained)
+                      - two_level_means(mb, n_boot, rng, counts, bool(b["trained"].iloc[0])))
+            dlo, dhi = _percentile(deltas, level)
+            worse = deltas >= margin if metric in LOWER_IS_BETTER else deltas <= -margin
+            row.update(n_paired_problems=len(shared), delta=float(np.mean(d)), delta_ci_low=dlo, delta_ci_high=dhi,
+                       p_perm=sign_flip_test(d, n_perm, rng_seed), p_min=min_p(len(shared), n_perm),
+                       p_noninf=float((worse.sum() + 1) / (n_boot + 1)))
             joined = g.merge(b, on=["seed", "task_id"], suffixes=("", "_base"))
-            if joined.empty:
-                raise ValueError(f"{where} shares no (seed, task_id) with baseline {base!r}")
-            ma = _matrix(joined, "correct")
-            mb = _matrix(joined, "correct_base")
-            d = _problem_means(ma.to_numpy()) - _problem_means(mb.to_numpy())
-            dlo, dhi = paired_bootstrap_ci(ma.to_numpy(), mb.to_numpy(), n_boot, level, rng_seed)
-            pm = [mcnemar_exact(s["correct"].to_numpy(), s["correct_base"].to_numpy())
-                  for _, s in joined.groupby("seed", sort=True)]
-            row.update(n_paired_problems=ma.shape[1], n_paired_seeds=ma.shape[0],
-                       delta=float(np.nanmean(d)),
-                       delta_ci_low=dlo, delta_ci_high=dhi, p_mcnemar=";".join(f"{p:.4g}" for p in pm),
-                       p_mcnemar_max=max(pm), p_perm=sign_flip_test(d, n_perm, rng_seed))
+            if metric == "accuracy" and not joined.empty and set(g["seed"]) == set(b["seed"]):
+                pm = [mcnemar_exact(s["correct"].to_numpy(), s["correct_base"].to_numpy())
+                      for _, s in joined.groupby("seed", sort=True)]
+                row.update(p_mcnemar=";".join(f"{p:.4g}" for p in pm), p_mcnemar_max=max(pm))
         rows.append(row)
     out = pd.DataFrame(rows)
-    out["p_holm"] = np.nan
+    out["p_holm"], out["p_noninf_holm"], out["testable"] = np.nan, np.nan, False
     for _, idx in out.groupby("family").groups.items():
         mask = out.index.isin(idx) & ~out["is_baseline"].astype(bool)
         out.loc[mask, "p_holm"] = holm(out.loc[mask, "p_perm"].to_numpy())
+        out.loc[mask, "p_noninf_holm"] = holm(out.loc[mask, "p_noninf"].to_numpy())
+        out.loc[mask, "testable"] = (out.loc[mask, "p_min"] * int(mask.sum())) < alpha
+    out["verdict"] = np.where(out["is_baseline"].astype(bool), "",  # the direction of the score, not "better"
+                              np.where(out["p_holm"] < alpha, np.where(out["delta"] > 0, "higher", "lower"),
+                                       "not distinguishable"))
+    out["noninferior"] = ~out["is_baseline"].astype(bool) & (out["p_noninf_holm"] < alpha)
     return out

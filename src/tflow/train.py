@@ -208,6 +208,7 @@ def _train(cfg: DictConfig, world: distributed.World, progress: bool, stop_after
                        data_sources=data.sources, decontamination_removed=data.removed)
         write_json_atomic(out / "train_summary.json", {
             "steps": cfg.train.steps, "trainable_parameters": n_params, "training_problems": len(problems),
+            "generated_values_per_query": tflow.generator.num_generated_values() * len(cfg.agents.senders),
             "data_sources": data.sources, "decontamination_removed": data.removed, "seed": cfg.train.seed,
             "ranks": world.size, "config": OmegaConf.to_container(cfg, resolve=True), "provenance": provenance()})
     distributed.barrier(world)  # the other ranks return once the generator is on disk

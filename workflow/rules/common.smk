@@ -10,7 +10,7 @@ import pandas as pd
 
 from tflow.artifacts import load_specs
 from tflow.config import config_hash as hash_of
-from tflow.experiment import MAIN_CELL, NO_CELL, Experiment, quote
+from tflow.experiment import KINDS, MAIN_CELL, NO_CELL, Experiment, quote
 
 for _spec in (config.get("ablations") or {}).values():  # every sweep table against its schema first
     validate(pd.read_csv(_spec["sweep"], sep="\t", dtype=str, keep_default_na=False), "../schemas/sweep.schema.yaml")
@@ -35,30 +35,29 @@ def train_launcher():
     return "python" if n == 1 else f"torchrun --standalone --nproc_per_node {n}"
 
 
-def eval_seed_scope():
-    """The seed part of an evaluate job's log and benchmark names: its seed, or every seed
-    (config eval_seeds_per_job: one job runs all seeds of a (task, method, cell) in one process)."""
-    if config["eval_seeds_per_job"]:
-        return "seeds~" + "-".join(str(s) for s in EXP.seeds)
-    return "seed~{seed}"
-
-
-def eval_outputs():
-    """The evaluate rule's metrics files, as patterns over task, method, cell (and seed when a job is one seed)."""
-    seeds = EXP.seeds if config["eval_seeds_per_job"] else ["{seed}"]
-    return [EXP.eval_path("{task}", "{method}", "{cell}", s) for s in seeds]
+# Evaluation jobs: with eval_seeds_per_job, one job per (kind, task, method, cell) runs every seed of a method
+# that has several (rule evaluate_seeds); a method with one seed (greedy decoding, nothing trained), or every
+# method without eval_seeds_per_job, gets a job per seed (rule evaluate).
+SEEDS_PER_JOB = config["eval_seeds_per_job"]
+MULTI_SEED = EXP.multi_seed_methods() if SEEDS_PER_JOB else []
+ONE_SEED = sorted({j.method for j in EXP.eval_jobs()} - set(MULTI_SEED))
+SEED_SCOPE = "seeds~" + "-".join(str(s) for s in EXP.seeds)
 
 
 def job_seeds(wildcards):
-    return EXP.seeds if config["eval_seeds_per_job"] else [wildcards.seed]
+    return getattr(wildcards, "seed", None) and [wildcards.seed] or EXP.seeds
 
 
 def eval_inputs(wildcards):
-    return EXP.eval_inputs(wildcards.task, wildcards.method, wildcards.cell, job_seeds(wildcards))
+    return EXP.eval_inputs(wildcards.task, wildcards.method, wildcards.cell, job_seeds(wildcards), wildcards.kind)
 
 
 def eval_args(wildcards):
-    return EXP.eval_args(wildcards.task, wildcards.method, wildcards.cell, job_seeds(wildcards))
+    return EXP.eval_args(wildcards.task, wildcards.method, wildcards.cell, job_seeds(wildcards), wildcards.kind)
+
+
+def eval_entry(wildcards):
+    return KINDS[wildcards.kind]
 
 
 def data_args(wildcards):
@@ -109,6 +108,10 @@ def run_tasks():
 def config_hash():
     """Short hash of the resolved Snakemake config (recorded in every generated paper file)."""
     return hash_of(config)
+
+
+def facts_inputs(wildcards):
+    return EXP.facts_inputs()
 
 
 def paper_targets():

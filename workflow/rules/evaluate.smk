@@ -1,22 +1,25 @@
-# Evaluation: one job per (task, method, cell, seed), or per (task, method, cell) running every seed in one
-# process (config eval_seeds_per_job); resumable per problem (records.jsonl).
+# Evaluation: answers scored (kind eval, tflow.evaluate) or reference solutions scored teacher-forced (kind
+# heldout, tflow.heldout); one job per seed, or per (kind, task, method, cell) running every seed of a method
+# in one process (config eval_seeds_per_job); resumable per batch of problems (records.jsonl).
 
 
 rule evaluate:
     input:
         unpack(eval_inputs),
     output:
-        metrics=eval_outputs(),
+        metrics=EXP.eval_path("{task}", "{method}", "{cell}", "{seed}", "{kind}"),
     params:
         config_args=config_args(),
         overrides=eval_args,
+        entry=eval_entry,
     log:
-        f"logs/{RUN}/eval/{{task}}/{{method}}/{{cell}}/{eval_seed_scope()}.log",
+        f"logs/{RUN}/{{kind}}/{{task}}/{{method}}/{{cell}}/seed~{{seed}}.log",
     benchmark:
-        f"benchmarks/{RUN}/eval/{{task}}/{{method}}/{{cell}}/{eval_seed_scope()}.tsv"
+        f"benchmarks/{RUN}/{{kind}}/{{task}}/{{method}}/{{cell}}/seed~{{seed}}.tsv"
     wildcard_constraints:
+        kind=one_of(KINDS),
         task=one_of(EXP.tasks),
-        method="[a-z0-9_-]+",
+        method=one_of(ONE_SEED),
         cell=one_of([NO_CELL, *EXP.cells]),
         seed=r"\d+",
     threads: 1
@@ -25,4 +28,33 @@ rule evaluate:
     conda:
         "../../environment.yml"
     shell:
-        "python -m tflow.evaluate {params.config_args} {params.overrides} --restart-on-change > {log} 2>&1"
+        "python -m {params.entry} {params.config_args} {params.overrides} --restart-on-change > {log} 2>&1"
+
+
+if SEEDS_PER_JOB:
+
+    rule evaluate_seeds:
+        input:
+            unpack(eval_inputs),
+        output:
+            metrics=[EXP.eval_path("{task}", "{method}", "{cell}", s, "{kind}") for s in EXP.seeds],
+        params:
+            config_args=config_args(),
+            overrides=eval_args,
+            entry=eval_entry,
+        log:
+            f"logs/{RUN}/{{kind}}/{{task}}/{{method}}/{{cell}}/{SEED_SCOPE}.log",
+        benchmark:
+            f"benchmarks/{RUN}/{{kind}}/{{task}}/{{method}}/{{cell}}/{SEED_SCOPE}.tsv"
+        wildcard_constraints:
+            kind=one_of(KINDS),
+            task=one_of(EXP.tasks),
+            method=one_of(MULTI_SEED),
+            cell=one_of([NO_CELL, *EXP.cells]),
+        threads: 1
+        resources:
+            gpu=config["gpus_per_job"],
+        conda:
+            "../../environment.yml"
+        shell:
+            "python -m {params.entry} {params.config_args} {params.overrides} --restart-on-change > {log} 2>&1"

@@ -17,6 +17,21 @@ rule collect:
         "../scripts/collect_records.py"
 
 
+rule facts:
+    input:
+        unpack(facts_inputs),
+    output:
+        facts=f"{R}/stats/facts.json",
+    params:
+        facts=EXP.facts(),
+    log:
+        f"logs/{RUN}/facts.log",
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/facts.py"
+
+
 rule stats:
     input:
         records=rules.collect.output.records,
@@ -26,6 +41,7 @@ rule stats:
     params:
         baselines=EXP.baselines(),
         n_boot=config["n_boot"],
+        margin=config["noninferiority_margin"],
         caption="Per (family, task, method, cell): accuracy (seed mean, std, 95% bootstrap CI over problems), "
         "tokens and seconds, and the paired comparison with the family's baseline (delta, CI, p, p_Holm); "
         "per_seed.csv: the same per seed.",
@@ -66,6 +82,7 @@ rule make_macros:
         cells=rules.stats.output.cells,
         per_seed=rules.stats.output.per_seed,
         specs=config["paper_specs"],
+        facts=rules.facts.output.facts,
     output:
         tex="paper/generated/macros.tex",
         ablations="paper/generated/ablations.tex",
@@ -79,7 +96,7 @@ rule make_macros:
         "../../environment.yml"
     shell:
         "python -m tflow.artifacts --stats {input.cells} --per-seed {input.per_seed} --specs {input.specs} "
-        "--tasks {params.tasks} --ablations {params.ablations} --macros {output.tex} "
+        "--tasks {params.tasks} --ablations {params.ablations} --facts {input.facts} --macros {output.tex} "
         "--ablation-tex {output.ablations} --rule make_macros --config-hash {params.config_hash} > {log} 2>&1"
 
 

@@ -44,7 +44,8 @@ METHODS: Registry[MethodSpec] = Registry("method", "eval.method", {
     "tflow": MethodSpec("tflow.methods.tflow:TFlowMethod", "weights", "the generator's transient LoRA",
                         needs="generator", cell=True),
     "tflow_zero_delta": MethodSpec("tflow.methods.tflow:TFlowMethod", "control",
-                                   "the same hooks with delta-W = 0", needs="generator", cell=True),
+                                   "the same hooks with delta-W = 0", needs="generator", cell=True,
+                                   presets={"executor": ("eval.receiver_role=executor",)}),  # the prompt arm
     "tflow_shuffled": MethodSpec("tflow.methods.tflow:TFlowMethod", "control",
                                  "the LoRA generated from another problem's senders", needs="generator", cell=True),
     "static_lora": MethodSpec("tflow.methods.static_lora:StaticLoRA", "control",
