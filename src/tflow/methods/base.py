@@ -150,6 +150,15 @@ def read_trained(folder: str | None, method: str, receiver: Backbone) -> Path:
 # Held-out evidence (the `heldout` family): a method that can score reference solutions teacher-forced
 # implements `reference_nll(problems) -> [(summed token NLL, scored tokens)]`, one pair per problem, with
 # the receiver reading the problem as in training (tflow.mix.receiver_prompt) and the target p.solution.
+def reference_batch(tokenizer: Any, role: str, problems: Sequence[Any], max_tokens: int) -> dict[str, torch.Tensor]:
+    """The receiver's teacher-forced batch of reference solutions: each problem's task prompt (as in training
+    and evaluation) followed by its target (p.solution), labels on the target only."""
+    from tflow.mix import receiver_prompt
+
+    return receiver_batch(tokenizer, role, [receiver_prompt(p) for p in problems], [p.solution for p in problems],
+                          max_tokens, padding_side="right")
+
+
 def row_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[list[float], list[int]]:
     """Per row of a causal-LM batch: the summed next-token NLL of the labelled tokens and their count.
     logits [B, T, V], labels [B, T] with -100 where not scored."""

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import torch
 from omegaconf import DictConfig
 
 from tflow.accounting import Accounting
-from tflow.methods.base import MethodOutput, generate, share_seconds, warm_up
+from tflow.methods.base import MethodOutput, generate, reference_batch, row_nll, share_seconds, warm_up
 from tflow.models import Backbone, load_backbones
 from tflow.tasks.base import EvalProblem
 
@@ -34,3 +35,12 @@ class Single:
                        self.cfg.eval.max_new_tokens)
         share_seconds(acc, rows)
         return [MethodOutput(t, n, tr, row) for (t, n, tr), row in zip(res, rows)]
+
+    @torch.no_grad()
+    def reference_nll(self, problems: Sequence[Any]) -> list[tuple[float, int]]:
+        """Teacher-forced NLL of each problem's reference solution (the held-out family)."""
+        batch = reference_batch(self.receiver.tokenizer, self.cfg.agents.receiver, problems,
+                                self.cfg.data.max_solution_tokens)
+        batch = {k: v.to(self.receiver.device) for k, v in batch.items()}
+        logits = self.receiver.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return list(zip(*row_nll(logits, batch["labels"])))

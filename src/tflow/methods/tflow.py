@@ -11,8 +11,10 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig
 
+import torch
+
 from tflow.errors import CheckpointError
-from tflow.methods.base import MethodOutput, derangement
+from tflow.methods.base import MethodOutput, derangement, reference_batch, row_nll
 from tflow.tasks.base import EvalProblem
 
 
@@ -44,13 +46,38 @@ class TFlowMethod:
             self.agents.answer([problems[0].question], 2, do_sample=False, zero_delta=self.name == "tflow_zero_delta")
         if self.name == "tflow_shuffled":
             perm = derangement(len(problems), self.cfg.eval.seed)
-            self.condition = {p.task_id: problems[j].question for p, j in zip(problems, perm)}
+            self.condition = {p.task_id: problems[j].sender_view for p, j in zip(problems, perm)}
 
     def answer(self, problems: Sequence[EvalProblem], prompts: Sequence[str]) -> list[MethodOutput]:
         ev = self.cfg.eval
-        cond = [self.condition.get(p.task_id, p.question) for p in problems]
-        answers = self.agents.answer([p.question for p in problems], ev.max_new_tokens, do_sample=ev.do_sample,
+        cond = [self.condition.get(p.task_id, p.sender_view) for p in problems]
+        answers = self.agents.answer([p.sender_view for p in problems], ev.max_new_tokens, do_sample=ev.do_sample,
                                      temperature=ev.temperature, top_p=ev.top_p,
                                      zero_delta=self.name == "tflow_zero_delta", receiver_prompts=prompts,
                                      condition_questions=cond)
         return [MethodOutput(a.text, a.generated_tokens, a.truncated, a.accounting) for a in answers]
+
+    @torch.no_grad()
+    def reference_nll(self, problems: Sequence[Any]) -> list[tuple[float, int]]:
+        """Teacher-forced NLL of each problem's reference solution under the generated LoRA (zero for
+        tflow_zero_delta; another problem's senders for tflow_shuffled, as in `answer`)."""
+        from tflow.agents import sender_states
+        from tflow.lora import TransientLoRA
+        from tflow.mix import sender_view
+        from tflow.pipeline import delta_for, zero_delta_like
+
+        ag, cfg = self.agents, self.cfg
+        views = [self.condition.get(p.id, sender_view(p)) for p in problems]
+        per_example: list[list[torch.Tensor]] = [[] for _ in problems]
+        for role in cfg.agents.senders:
+            states, _ = sender_states(ag.sender, role, views, cfg.agents.max_question_tokens, batch_size=len(problems))
+            for row, state in zip(per_example, states):
+                row.append(state)
+        batch = reference_batch(ag.receiver.tokenizer, cfg.agents.receiver, problems, cfg.data.max_solution_tokens)
+        delta, _ = delta_for(ag.tflow, ag.receiver, per_example, batch)
+        if self.name == "tflow_zero_delta":
+            delta = zero_delta_like(delta)
+        batch = {k: v.to(ag.receiver.device) for k, v in batch.items()}
+        with TransientLoRA(ag.linears, delta, backend=cfg.backend):
+            logits = ag.receiver.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return list(zip(*row_nll(logits, batch["labels"])))

@@ -58,6 +58,11 @@ class Task(Protocol):
         """One Score per (problem, output). `workdir` is a scratch folder the task may use."""
         ...
 
+    def reference(self, problem: EvalProblem) -> str | None:
+        """The problem's reference solution formatted as the receiver is asked to answer (the held-out
+        family scores it teacher-forced); None when the task has none (multiple choice)."""
+        ...
+
 
 def subset(problems: Sequence[EvalProblem], n: int | None, seed: int) -> list[EvalProblem]:
     """A deterministic subset of n problems (all when n is None or >= len), in the set's own order."""

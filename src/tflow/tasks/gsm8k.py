@@ -86,7 +86,7 @@ class GSM8KTask:
         _check_source(source, self.name)
         if source == "offline":
             rows, info = load_gsm8k(data_dir, "test")
-            problems = [EvalProblem(p.id, p.question, p.answer) for p in rows]
+            problems = [EvalProblem(p.id, p.question, p.answer, {"solution": p.solution}) for p in rows]
             prov = {"source": "offline", **info}
         else:
             try:
@@ -94,8 +94,8 @@ class GSM8KTask:
             except ImportError as err:
                 raise DataError("source 'hub' needs: pip install datasets (or use source 'offline')") from err
             ds = datasets.load_dataset(HUB_ID, "main", split="test")
-            problems = [EvalProblem(f"gsm8k/test/{i}", row["question"].strip(), gsm8k_solution(row["answer"])[1])
-                        for i, row in enumerate(ds)]
+            problems = [EvalProblem(f"gsm8k/test/{i}", row["question"].strip(), gsm8k_solution(row["answer"])[1],
+                                    {"solution": gsm8k_solution(row["answer"])[0]}) for i, row in enumerate(ds)]
             prov = {"source": "hub", "path": HUB_ID, "version": f"{HUB_ID}@{getattr(ds, '_fingerprint', 'unknown')}"}
         return problems, {**prov, "count": len(problems)}
 
@@ -104,6 +104,9 @@ class GSM8KTask:
 
     def sender_view(self, problem: EvalProblem) -> str:
         return problem.question
+
+    def reference(self, problem: EvalProblem) -> str | None:
+        return problem.meta.get("solution")  # the worked steps, ending "The final answer is $\\boxed{N}$."
 
     def score(self, problems: Sequence[EvalProblem], outputs: Sequence[str], workdir: str | Path) -> list[Score]:
         scores = []

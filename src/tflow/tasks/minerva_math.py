@@ -129,7 +129,8 @@ class MinervaMathTask:
             gold = last_boxed(row.get("solution", "")) or row.get("answer")
             if not row.get("problem") or not gold:
                 raise DataError(f"{prov['path']}: problem {i} lacks a problem text or a boxed gold answer")
-            problems.append(EvalProblem(f"minerva_math/{i}", row["problem"].strip(), normalize_final_answer(gold)))
+            problems.append(EvalProblem(f"minerva_math/{i}", row["problem"].strip(), normalize_final_answer(gold),
+                                        {"solution": row.get("solution")}))
         return problems, {**prov, "count": len(problems), "scorer": "Minerva normalisation + MATH-500 equivalence"}
 
     def prompt(self, problem: EvalProblem) -> str:
@@ -137,6 +138,9 @@ class MinervaMathTask:
 
     def sender_view(self, problem: EvalProblem) -> str:
         return problem.question
+
+    def reference(self, problem: EvalProblem) -> str | None:
+        return problem.meta.get("solution")
 
     def score(self, problems: Sequence[EvalProblem], outputs: Sequence[str], workdir: str | Path) -> list[Score]:
         scores = []

@@ -179,6 +179,9 @@ class MMLUReduxTask:
         options = "\n".join(f"{letter}. {choice}" for letter, choice in zip(LETTERS, problem.meta["choices"]))
         return f"{problem.question}\n\n{options}"
 
+    def reference(self, problem: EvalProblem) -> str | None:
+        return None  # multiple choice: no worked solution
+
     def score(self, problems: Sequence[EvalProblem], outputs: Sequence[str], workdir: str | Path) -> list[Score]:
         scores = []
         for problem, output in zip(problems, outputs, strict=True):
