@@ -84,7 +84,7 @@ def load_specs(path, ablations=(), tasks=None) -> dict:
 def _check_table(s: dict, where: str) -> None:
     if s.setdefault("kind", "results") == "ratios":
         for j, r in enumerate(s.get("ratios") or [None]):
-            check_keys(r, f"{where}: ratios #{j}", {"label", "numerator", "denominator", "metric"}, {"percent"})
+            check_keys(r, f"{where}: ratios #{j}", {"label", "numerator", "denominator", "metric"}, {"percent", "family"})
             if r["metric"] not in RATIO_METRICS:
                 raise ValueError(f"{where}: ratios #{j}: metric must be one of {sorted(RATIO_METRICS)}")
         return
@@ -112,7 +112,7 @@ def _cell(col: str, r, metric: str, borrowed: bool, seed_std: dict) -> str:
     """One table cell's text for stats row `r` ('--' where there is nothing)."""
     if r is None:
         return "--"
-    _, scale, digits, _ = SCORE[metric]
+    _, scale, digits, _ = SCORE.get(metric, SCORE["accuracy"])
     if col == "score":
         std = f" $\\pm$ {num(scale * r['score_std'], digits)}" if finite(r.get("score_std")) else ""
         return num(scale * r["score_mean"], digits) + std
@@ -153,6 +153,7 @@ def render_table(stats: pd.DataFrame, spec: dict, provenance: dict, specs: dict 
         seed_std = g[[c for c in ("tokens_mean", "seconds_mean") if c in per_seed]].std(ddof=1).to_dict("index")
     used = [r for _, _, f in rows for t in tasks for r, b in [f[t]] if r is not None]
     metric = str(used[0]["metric"]) if used and "metric" in used[0] else "accuracy"
+    metric = metric if metric in SCORE else "accuracy"  # e.g. the timing family: no score column
     mark = spec.get("baseline_mark", " (ref.)")
     lines = [header(provenance, f"table {spec['name']}"), r"\begin{table}[t]", r"\centering",
              r"\caption{" + _caption(stats, spec, specs, rows, tasks, metric) + "}", rf"\label{{tab:{spec['name']}}}",
@@ -231,17 +232,18 @@ def ratio_value(stats, family, numerator, denominator, task, column):
 
 def render_ratios(stats: pd.DataFrame, spec: dict, provenance: dict, specs: dict) -> str:
     """Cost ratios per task: numerator / denominator of a metric (or its percent change)."""
-    tasks = [t for t in spec.get("tasks") or [] if any(
-        ratio_value(stats, spec["family"], r["numerator"], r["denominator"], t, RATIO_METRICS[r["metric"]]) is not None
-        for r in spec["ratios"])]
+    def value(r, t):
+        return ratio_value(stats, r.get("family", spec["family"]), r["numerator"], r["denominator"], t,
+                           RATIO_METRICS[r["metric"]])
+
+    tasks = [t for t in spec.get("tasks") or [] if any(value(r, t) is not None for r in spec["ratios"])]
     lines = [header(provenance, f"table {spec['name']}"), r"\begin{table}[t]", r"\centering",
              r"\caption{" + str(spec["caption"]).strip() + "}", rf"\label{{tab:{spec['name']}}}",
              r"\resizebox{\ifdim\width>\linewidth\linewidth\else\width\fi}{!}{%",
              r"\begin{tabular}{l" + "r" * len(tasks) + "}", r"\toprule",
              "Ratio & " + " & ".join(label(specs, "task", t) for t in tasks) + r" \\", r"\midrule"]
     for r in spec["ratios"]:
-        vals = [ratio_value(stats, spec["family"], r["numerator"], r["denominator"], t, RATIO_METRICS[r["metric"]])
-                for t in tasks]
+        vals = [value(r, t) for t in tasks]
         text = [("--" if v is None else f"{100 * (v - 1):+.1f}\\%" if r.get("percent") else f"{v:.2f}") for v in vals]
         lines.append(" & ".join([escape(r["label"]), *text]) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}}", r"\end{table}"]

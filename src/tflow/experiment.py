@@ -302,6 +302,24 @@ class Experiment:
         """prepare_data's overrides: the subset of one task is the one its evaluations draw."""
         return self.common + self.eval_settings() + list((self.config.get("task_overrides") or {}).get(task, []))
 
+    # -- clean timing (tflow.timing): the timed methods alone on the machine, on a fixed subset
+    def timing_methods(self) -> list[str]:
+        spec = self.config.get("timing") or {}
+        return list(spec.get("methods") or self.config["families"]["main"]["methods"]) if spec else []
+
+    def timing_path(self, method: str) -> str:
+        return f"{self.root}/timing/{self.config['timing']['task']}/{method}.json"
+
+    def timing_inputs(self, method: str) -> dict[str, Any]:
+        spec = self.config["timing"]
+        return self.eval_inputs(spec["task"], method, self.method_cell(method), self.seeds[:1])
+
+    def timing_args(self, method: str) -> str:
+        spec = self.config["timing"]
+        cell = self.method_cell(method)
+        over = self.eval_overrides(spec["task"], method, cell) + self.seed_overrides(spec["task"], method, cell, self.seeds[0])
+        return quote(over + [f"eval.n={spec['n']}"]) + f" --repeats {int(spec.get('repeats', 3))}"
+
     # -- what was run (the paper's Setup paragraph; the facts rule adds the trained parameter counts)
     def facts(self) -> dict[str, Any]:
         cfg, ev = self._main_cfg, self.config.get("eval") or {}

@@ -110,6 +110,14 @@ def config_hash():
     return hash_of(config)
 
 
+def timing_inputs(wildcards):
+    return EXP.timing_inputs(wildcards.method)
+
+
+def timing_args(wildcards):
+    return EXP.timing_args(wildcards.method)
+
+
 def facts_inputs(wildcards):
     return EXP.facts_inputs()
 

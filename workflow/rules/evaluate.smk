@@ -58,3 +58,26 @@ if SEEDS_PER_JOB:
             "../../environment.yml"
         shell:
             "python -m {params.entry} {params.config_args} {params.overrides} --restart-on-change > {log} 2>&1"
+
+
+if EXP.timing_methods():
+
+    rule timing:
+        input:
+            unpack(timing_inputs),
+        output:
+            timing=EXP.timing_path("{method}"),
+        params:
+            config_args=config_args(),
+            overrides=timing_args,
+        log:
+            f"logs/{RUN}/timing/{{method}}.log",
+        wildcard_constraints:
+            method=one_of(EXP.timing_methods()),
+        threads: workflow.cores  # alone on the machine: nothing runs beside a timed method
+        resources:
+            gpu=config["gpus_per_job"],
+        conda:
+            "../../environment.yml"
+        shell:
+            "python -m tflow.timing {params.config_args} {params.overrides} --out {output.timing} > {log} 2>&1"

@@ -35,6 +35,7 @@ rule facts:
 rule stats:
     input:
         records=rules.collect.output.records,
+        timing=[EXP.timing_path(m) for m in EXP.timing_methods()],
     output:
         cells=report(f"{R}/stats/cells.csv", caption="../report/artifact.rst", category="Statistics"),
         per_seed=report(f"{R}/stats/per_seed.csv", caption="../report/artifact.rst", category="Statistics"),
@@ -42,6 +43,7 @@ rule stats:
         baselines=EXP.baselines(),
         n_boot=config["n_boot"],
         margin=config["noninferiority_margin"],
+        timing_names=EXP.timing_methods(),
         caption="Per (family, task, method, cell): accuracy (seed mean, std, 95% bootstrap CI over problems), "
         "tokens and seconds, and the paired comparison with the family's baseline (delta, CI, p, p_Holm); "
         "per_seed.csv: the same per seed.",
