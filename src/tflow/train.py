@@ -127,13 +127,13 @@ def _train(cfg: DictConfig, world: distributed.World, progress: bool, stop_after
     if state is not None and state["config_hash"] != chash:
         raise ConfigError(f"{ckpt_path} was written with another config (hash {state['config_hash']} != {chash}); "
                           f"use a new train.out_dir or delete {out}")
-    if world.main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "config.yaml", to_yaml(cfg))
     seed_everything(cfg.train.seed)
 
     data = training_set(cfg.data, cfg.train.seed) if problems is None else TrainingSet(problems, {"given": {"kept": len(problems)}})
     problems = data.problems[:min(len(data.problems), cfg.train.steps * cfg.train.batch_size)]
+    if world.main:  # after the data loaded: a missing data folder leaves nothing in out_dir
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "config.yaml", to_yaml(cfg))
     receiver, sender = backbones or load_backbones(_rank_config(cfg, world))
     linears = target_linears(receiver.model, list(cfg.lora.targets), None if cfg.lora.layers is None else list(cfg.lora.layers))
     cache = ConditionCache(cfg.model.cache_dir, sender.ident, cfg.agents.max_question_tokens)

@@ -31,6 +31,6 @@ class Single:
     def answer(self, problems: Sequence[EvalProblem], prompts: Sequence[str]) -> list[MethodOutput]:
         acc, rows = Accounting(), [Accounting() for _ in problems]
         res = generate(self.receiver, self.cfg.agents.receiver, prompts, self.cfg.eval, acc, rows, "receiver",
-                       self.cfg.eval.max_new_tokens)
+                       self.cfg.eval.max_new_tokens, [p.task_id for p in problems])
         share_seconds(acc, rows)
         return [MethodOutput(t, n, tr, row) for (t, n, tr), row in zip(res, rows)]

@@ -43,14 +43,15 @@ class TextMAS:
     def answer(self, problems: Sequence[EvalProblem], prompts: Sequence[str]) -> list[MethodOutput]:
         acc, rows = Accounting(), [Accounting() for _ in problems]
         messages: list[dict[str, str]] = [{} for _ in problems]
+        ids = [p.task_id for p in problems]
         for role in self.cfg.agents.senders:  # senders see the question only, as in TFlow
             res = generate(self.sender, role, [p.question for p in problems], self.cfg.eval, acc, rows,
-                           f"sender:{role}", self.message_tokens, self.message_tokens if self.fixed else 0,
+                           f"sender:{role}", self.message_tokens, ids, self.message_tokens if self.fixed else 0,
                            phases=("sender_prefill", "sender_decode"))
             for i, (text, _, _) in enumerate(res):
                 messages[i][role] = text
         full = [textmas_prompt(m, p) for m, p in zip(messages, prompts)]
         res = generate(self.receiver, self.cfg.agents.receiver, full, self.cfg.eval, acc, rows, "receiver",
-                       self.cfg.eval.max_new_tokens)
+                       self.cfg.eval.max_new_tokens, ids)
         share_seconds(acc, rows)
         return [MethodOutput(t, n, tr, row, m) for (t, n, tr), row, m in zip(res, rows, messages)]

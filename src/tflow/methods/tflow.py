@@ -12,7 +12,7 @@ from typing import Any, Sequence
 from omegaconf import DictConfig
 
 from tflow.errors import CheckpointError
-from tflow.methods.base import MethodOutput, derangement
+from tflow.methods.base import MethodOutput, derangement, row_seed
 from tflow.tasks.base import EvalProblem
 
 
@@ -52,5 +52,6 @@ class TFlowMethod:
         answers = self.agents.answer([p.question for p in problems], ev.max_new_tokens, do_sample=ev.do_sample,
                                      temperature=ev.temperature, top_p=ev.top_p,
                                      zero_delta=self.name == "tflow_zero_delta", receiver_prompts=prompts,
-                                     condition_questions=cond)
+                                     condition_questions=cond,
+                                     row_seeds=[row_seed(ev.seed, p.task_id, "receiver") for p in problems])
         return [MethodOutput(a.text, a.generated_tokens, a.truncated, a.accounting) for a in answers]
