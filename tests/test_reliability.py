@@ -158,7 +158,7 @@ def test_second_run_on_a_folder_fails_at_once_naming_the_holder(tiny_dir, data_d
         with monkeypatch.context() as m:
             m.setattr(ev, "build_method", lambda *a: pytest.fail("a model loaded while another run held the folder"))
             t0 = time.perf_counter()
-            with pytest.raises(BusyError, match=f"{out}.*PID {holder.pid}"):
+            with pytest.raises(BusyError, match=f"{re.escape(str(out))}.*PID {holder.pid}"):
                 _run(ov)
             with pytest.raises(SystemExit) as exit_:
                 ev.main(ov)
@@ -202,7 +202,7 @@ def test_build_lock_wait_is_bounded_and_a_dead_holders_lock_is_broken_at_once(tm
 
     holder = _hold(tmp_path / BUILD_LOCK)
     t0 = time.perf_counter()
-    with pytest.raises(TimeoutError, match=f"{tmp_path / BUILD_LOCK}, held by PID {holder.pid}"):
+    with pytest.raises(TimeoutError, match=re.escape(f"{tmp_path / BUILD_LOCK}, held by PID {holder.pid}")):
         with build_lock(tmp_path, wait_s=0.5):
             pass
     assert time.perf_counter() - t0 < 30  # bounded (generous: a loaded CI machine)
@@ -284,11 +284,11 @@ def test_truncated_checkpoint_and_marker_are_checkpoint_errors(tmp_path, checkpo
     bad = tmp_path / "generator.pt"
     data = checkpoint.read_bytes()
     bad.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=f"{bad} cannot be read .*truncated or corrupt"):
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(bad))} cannot be read .*truncated or corrupt"):
         read_checkpoint(bad)
     assert str(bad) in _cli_error(main, ["--checkpoint", str(bad), "--question", "q"], capsys)
     (tmp_path / TRAINED_MARKER).write_text('{"method": "static_lo')
-    with pytest.raises(CheckpointError, match=f"{tmp_path / TRAINED_MARKER} is unreadable"):
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / TRAINED_MARKER} is unreadable")):
         trained_hash(tmp_path)
 
 

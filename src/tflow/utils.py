@@ -102,7 +102,8 @@ def folder_lock(folder: str | Path) -> Iterator[None]:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
-        os.unlink(path)  # before unlocking: a process that opened this file meanwhile sees it gone and retries
+        with contextlib.suppress(FileNotFoundError):  # before unlocking: whoever opened this file meanwhile retries
+            os.unlink(path)
         os.close(fd)
 
 
