@@ -120,21 +120,3 @@ def test_transient_lora_backends_agree_on_a_model(tiny_backbone, tiny_cfg):
             assert gen.shape[1] > batch["input_ids"].shape[1]
     for name in BACKENDS:  # cpu_fused, triton (interpreter without a GPU) and auto against the reference
         torch.testing.assert_close(logits[name], logits["torch"], rtol=1e-5, atol=1e-5)
-
-
-def test_stale_build_lock_is_removed_and_a_young_one_kept(tmp_path, caplog):
-    """A build killed midway leaves `lock`; torch's loader would wait on it forever."""
-    import os
-    import time
-
-    from tflow_kernels.cpu_fused import clear_stale_lock
-
-    lock = tmp_path / "lock"
-    lock.touch()
-    clear_stale_lock(tmp_path, max_age_s=600)
-    assert lock.exists() and "waiting for another cpu_fused build" in caplog.text
-    old = time.time() - 3600
-    os.utime(lock, (old, old))
-    clear_stale_lock(tmp_path, max_age_s=600)
-    assert not lock.exists() and "interrupted cpu_fused build" in caplog.text
-    clear_stale_lock(tmp_path)  # no lock: nothing to do

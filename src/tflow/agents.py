@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tflow.models import Backbone
 from tflow.prompts import ROLES, chat_text
-from tflow.utils import atomic_path
+from tflow.utils import atomic_path, torch_load
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class ConditionCache:
             progress: bool = False) -> list[torch.Tensor]:
         """Conditions for `questions` ([L+1, T_q, d] each), computing the missing ones first."""
         self.ensure(sender, role, questions, batch_size, progress)
-        return [torch.load(self.path(role, q), weights_only=True) for q in questions]
+        return [torch_load(self.path(role, q), "cached sender condition") for q in questions]
 
 
 @dataclass

@@ -25,7 +25,15 @@ class DataError(TFlowError, FileNotFoundError):
 
 
 class CheckpointError(TFlowError, RuntimeError):
-    """A generator checkpoint is missing or does not fit the requested run."""
+    """A checkpoint or trained folder is missing, unreadable, or does not fit the requested run."""
+
+
+class InputError(TFlowError, ValueError):
+    """A bad input (a question, a question file), found before any model loads."""
+
+
+class BusyError(TFlowError, RuntimeError):
+    """Another live process holds a resource this run needs (an output folder)."""
 
 
 def cli(main: F) -> F:

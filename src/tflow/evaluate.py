@@ -18,9 +18,13 @@ repeatable; each run is the shared layers and overrides plus its own, built from
 the frozen backbones loaded once and reused, except for static_lora; seeds reset), and writes its own
 folder exactly as it would alone.
 
-Resume: rerunning the same command skips problems already recorded (a torn last line from an
-interruption is dropped first), so no problem is redone or duplicated. Another config in the same
-out_dir is an error naming the fix.
+Batches are consecutive chunks of eval.batch_size problems of the whole subset, in subset order, and
+sampling is seeded per problem (tflow.methods.base.RowSampler), so a problem's record does not depend
+on what ran before it. Resume: rerunning the same command keeps every completely recorded batch and
+redoes the rest whole (a torn last line and a partly recorded batch's records are dropped first), so a
+run killed anywhere and resumed writes the records an uninterrupted run writes, greedy or sampled.
+Another config in the same out_dir is an error naming the fix. A run holds `out_dir/.lock` while it
+works: a second run on the same folder fails at once, naming the holder's PID.
 
 "Processed tokens" of a problem = every agent's prompt tokens + every agent's generated tokens
 (TextMAS senders' prompts and messages, TFlow senders' prefills, the receiver's prompt and answer).
@@ -28,6 +32,7 @@ out_dir is an error naming the fix.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import contextlib
 import gc
 import json
@@ -48,7 +53,9 @@ from tflow.errors import ConfigError, cli
 from tflow.methods import build_method
 from tflow.models import shared_backbones
 from tflow.tasks import get_task, subset
-from tflow.utils import discard_stale, provenance, seed_everything, write_json_atomic, write_text_atomic
+from tflow.tasks.base import EvalProblem
+from tflow.utils import (discard_stale, folder_lock, provenance, seed_everything, write_json_atomic,
+                         write_text_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +71,21 @@ def read_records(path: Path) -> list[dict[str, Any]]:
         with open(path, "r+b") as f:
             f.truncate(end)
     return [json.loads(line) for line in data[:end].decode("utf-8").splitlines() if line.strip()]
+
+
+def finished_batches(path: Path, batches: Sequence[Sequence[EvalProblem]]) -> dict[str, dict[str, Any]]:
+    """The records of the batches an earlier run recorded completely. Records of a partly recorded batch (and
+    duplicates) are dropped from the file (atomic rewrite), so that batch is redone whole, as it first ran."""
+    records = read_records(path)
+    by_id = {r["task_id"]: r for r in records}
+    if set(by_id) - {p.task_id for b in batches for p in b}:
+        raise ConfigError(f"{path} has problems outside this subset; delete {path.parent} to start over")
+    kept = [by_id[p.task_id] for b in batches if all(p.task_id in by_id for p in b) for p in b]
+    if len(kept) != len(records):
+        log.warning("%s: dropping %d records of a partly recorded batch; it is redone whole", path,
+                    len(records) - len(kept))
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return {r["task_id"]: r for r in kept}
 
 
 def check_config(out: Path, cfg: DictConfig, restart_on_change: bool = False) -> None:
@@ -122,25 +144,29 @@ def evaluate(cfg: DictConfig, layers: Sequence[Any] = (), overrides: Sequence[st
     out = Path(ev.out_dir)
     task = get_task(ev.task)
     every, source = task.load(cfg.data.data_dir, ev.source)
-    problems = subset(every, ev.n, ev.subset_seed)
+    problems = [dataclasses.replace(p, view=task.sender_view(p)) for p in subset(every, ev.n, ev.subset_seed)]
+    with folder_lock(out):  # before any model loads: a second run on this folder fails at once
+        return _evaluate(cfg, out, task, problems, source, layers, overrides, restart_on_change)
+
+
+def _evaluate(cfg: DictConfig, out: Path, task: Any, problems: list[EvalProblem], source: dict[str, Any],
+              layers: Sequence[Any], overrides: Sequence[str], restart_on_change: bool) -> dict[str, Any]:
+    ev = cfg.eval
     method, run_cfg = build_method(cfg, layers, overrides)
-    out.mkdir(parents=True, exist_ok=True)
     check_config(out, run_cfg, restart_on_change)
     records_path = out / "records.jsonl"
-    done = {r["task_id"]: r for r in read_records(records_path)}
-    wanted = {p.task_id for p in problems}
-    if set(done) - wanted:
-        raise ConfigError(f"{records_path} has problems outside this subset; delete {out} to start over")
-    todo = [p for p in problems if p.task_id not in done]
+    batches = [problems[k:k + ev.batch_size] for k in range(0, len(problems), ev.batch_size)]
+    done = finished_batches(records_path, batches)
+    todo = [b for b in batches if b[0].task_id not in done]
     seed_everything(ev.seed)
     method.prepare(problems)
     t0 = time.perf_counter()
     with open(records_path, "a", encoding="utf-8") as f, \
             tqdm(total=len(problems), initial=len(done), desc=f"{ev.task}/{ev.method}") as bar:
-        for k in range(0, len(todo), ev.batch_size):
-            chunk = todo[k:k + ev.batch_size]
+        for chunk in todo:
             outputs = method.answer(chunk, [task.prompt(p) for p in chunk])
             scores = task.score(chunk, [o.text for o in outputs], out / "work")
+            lines = []
             for p, o, s in zip(chunk, outputs, scores):
                 rec = {"task_id": p.task_id, "method": ev.method, "prediction": o.text, "extracted": s.extracted,
                        "gold": p.gold, "correct": bool(s.correct), "detail": s.detail, "truncated": o.truncated,
@@ -148,13 +174,15 @@ def evaluate(cfg: DictConfig, layers: Sequence[Any] = (), overrides: Sequence[st
                 if o.messages is not None:
                     rec["messages"] = o.messages
                 done[p.task_id] = rec
-                f.write(json.dumps(rec) + "\n")
+                lines.append(json.dumps(rec) + "\n")
+            f.write("".join(lines))  # a batch is one write, flushed to disk before the next batch starts
             f.flush()
             os.fsync(f.fileno())
             bar.update(len(chunk))
     records = [done[p.task_id] for p in problems]
     metrics = {"task": ev.task, "method": ev.method, **summarize(records), "peak_memory": peak_memory(),
-               "run_seconds_this_invocation": time.perf_counter() - t0, "resumed_from": len(problems) - len(todo),
+               "run_seconds_this_invocation": time.perf_counter() - t0,
+               "resumed_from": len(problems) - sum(map(len, todo)),
                "data": {**source, "subset_seed": ev.subset_seed, "subset_size": len(problems),
                         "task_ids": [p.task_id for p in problems]},
                "processed_tokens_definition": "every agent's prompt tokens + every agent's generated tokens",

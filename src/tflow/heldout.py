@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import json
 import logging
@@ -34,11 +35,11 @@ from tqdm.auto import tqdm
 from tflow.config import config_hash, load_config
 from tflow.data import Problem
 from tflow.errors import ConfigError, cli
-from tflow.evaluate import check_config, read_records
+from tflow.evaluate import check_config, finished_batches
 from tflow.methods import build_method
 from tflow.models import shared_backbones
 from tflow.tasks import get_task, subset
-from tflow.utils import provenance, seed_everything, write_json_atomic
+from tflow.utils import folder_lock, provenance, seed_everything, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -62,22 +63,30 @@ def heldout(cfg: DictConfig, layers: Sequence[Any] = (), overrides: Sequence[str
     ev = cfg.eval
     out = Path(ev.out_dir)
     problems, source = reference_problems(ev.task, cfg.data.data_dir, ev.source, ev.n, ev.subset_seed)
+    with folder_lock(out):  # before any model loads: a second run on this folder fails at once
+        return _heldout(cfg, out, problems, source, layers, overrides, restart_on_change)
+
+
+def _heldout(cfg: DictConfig, out: Path, problems: list[Problem], source: dict[str, Any], layers: Sequence[Any],
+             overrides: Sequence[str], restart_on_change: bool) -> dict[str, Any]:
+    ev = cfg.eval
     eval_problems = source.pop("eval_problems")
     method, run_cfg = build_method(cfg, layers, overrides)
+    eval_problems = [dataclasses.replace(p, view=get_task(ev.task).sender_view(p)) for p in eval_problems]
     if not hasattr(method, "reference_nll"):
         raise ConfigError(f"method {ev.method!r} cannot score reference solutions (no reference_nll)")
     out.mkdir(parents=True, exist_ok=True)
     check_config(out, run_cfg, restart_on_change)
     records_path = out / "records.jsonl"
-    done = {r["task_id"]: r for r in read_records(records_path)}
-    todo = [p for p in problems if p.id not in done]
+    batches = [problems[k:k + ev.batch_size] for k in range(0, len(problems), ev.batch_size)]
+    done = finished_batches(records_path, [eval_problems[k:k + ev.batch_size] for k in range(0, len(problems), ev.batch_size)])
+    todo = [b for b in batches if b[0].id not in done]
     seed_everything(ev.seed)
     method.prepare(eval_problems)
     t0 = time.perf_counter()
     with open(records_path, "a", encoding="utf-8") as f, \
             tqdm(total=len(problems), initial=len(done), desc=f"heldout {ev.task}/{ev.method}") as bar:
-        for k in range(0, len(todo), ev.batch_size):
-            chunk = todo[k:k + ev.batch_size]
+        for chunk in todo:
             t1 = time.perf_counter()
             scores = method.reference_nll(chunk)
             share = (time.perf_counter() - t1) / len(chunk)
@@ -93,7 +102,8 @@ def heldout(cfg: DictConfig, layers: Sequence[Any] = (), overrides: Sequence[str
     metrics = {"task": ev.task, "method": ev.method, "kind": "heldout", "n": len(records),
                "ce_token_weighted": nll / max(tokens, 1), "ce_per_problem_mean": sum(r["ce"] for r in records) / len(records),
                "ppl_token_weighted": math.exp(nll / max(tokens, 1)), "scored_tokens": tokens,
-               "run_seconds_this_invocation": time.perf_counter() - t0, "resumed_from": len(problems) - len(todo),
+               "run_seconds_this_invocation": time.perf_counter() - t0,
+               "resumed_from": len(problems) - sum(len(b) for b in todo),
                "data": {**source, "subset_seed": ev.subset_seed, "subset_size": len(problems),
                         "task_ids": [p.id for p in problems]},
                "config": OmegaConf.to_container(run_cfg, resolve=True), "config_hash": config_hash(run_cfg),

@@ -17,7 +17,7 @@ from tflow.generator import LayerAggregator, ModuleSpec, ParameterGenerator
 from tflow.generator_release import ReleaseParameterGenerator
 from tflow.models import Backbone, target_linears
 from tflow.registry import FUSIONS
-from tflow.utils import provenance, torch_save_atomic
+from tflow.utils import provenance, torch_load, torch_save_atomic
 
 CHECKPOINT_FORMAT = "tflow-generator/1"
 # Config sections that define the trained object: a checkpoint only fits a run that agrees on them.
@@ -128,27 +128,51 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"generator checkpoint not found: {path}. Train one first "
                               "(python -m tflow.train ...); TFlow never runs an untrained generator silently.")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch_load(path, "generator checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
     return ckpt
 
 
-def load_generator(path: str | Path, cfg: DictConfig, receiver: Backbone, sender: Backbone) -> TFlow:
-    """Rebuild the TFlow module of a checkpoint and check it fits `cfg` and the loaded backbones."""
-    ckpt = read_checkpoint(path)
-    problems = []
+def backbone_ident(b: DictConfig) -> str:
+    """The ident `tflow.models.load_backbone` gives the backbone that `b` (a model.receiver/sender section)
+    describes, known before it loads."""
+    return {"asset": f"asset:{b.name}", "path": f"path:{Path(b.name).name}"}.get(b.source, f"hub:{b.name}")
+
+
+def _mismatches(ckpt: dict[str, Any], cfg: DictConfig, backbones: dict[str, dict[str, Any]], what: str) -> list[str]:
+    """How a checkpoint differs from the run: its architecture keys, and the given fingerprint fields per role
+    (`what` the backbones are: "configured" or "loaded")."""
     want = _arch(cfg)
-    for k, v in ckpt["arch"].items():
-        if want.get(k) != v:
-            problems.append(f"{k}: checkpoint {v!r} vs run {want.get(k)!r}")
-    for role, bb in (("receiver", receiver), ("sender", sender)):
-        fp = bb.fingerprint()
-        for k, v in ckpt[role].items():
-            if fp.get(k) != v:
-                problems.append(f"{role}.{k}: checkpoint {v!r} vs loaded {fp.get(k)!r}")
+    out = [f"{k}: checkpoint {v!r} vs run {want.get(k)!r}" for k, v in ckpt["arch"].items() if want.get(k) != v]
+    for role, fp in backbones.items():
+        out += [f"{role}.{k}: checkpoint {v!r} vs {what} {fp[k]!r}"
+                for k, v in ckpt[role].items() if k in fp and fp[k] != v]
+    return out
+
+
+def _refuse(path: str | Path, problems: list[str]) -> None:
     if problems:
-        raise CheckpointError(f"generator checkpoint {path} does not fit this run:\n  " + "\n  ".join(problems))
+        raise CheckpointError(f"generator checkpoint {path} does not fit this run (use its own settings and "
+                              "backbones, or train a generator for this run):\n  " + "\n  ".join(problems))
+
+
+def checked_checkpoint(path: str | Path, cfg: DictConfig) -> dict[str, Any]:
+    """The checkpoint at `path`, after checking, before any backbone loads, that it can fit `cfg`: the
+    architecture keys and the backbones' idents (the loaded backbones are checked in full by load_generator)."""
+    ckpt = read_checkpoint(path)
+    m = cfg.model
+    _refuse(path, _mismatches(ckpt, cfg, {"receiver": {"ident": backbone_ident(m.receiver)},
+                                          "sender": {"ident": backbone_ident(m.sender or m.receiver)}}, "configured"))
+    return ckpt
+
+
+def load_generator(path: str | Path, cfg: DictConfig, receiver: Backbone, sender: Backbone,
+                   ckpt: dict[str, Any] | None = None) -> TFlow:
+    """Rebuild the TFlow module of a checkpoint (`ckpt`: already read from `path`) and check it fits `cfg` and
+    the loaded backbones."""
+    ckpt = ckpt if ckpt is not None else read_checkpoint(path)
+    _refuse(path, _mismatches(ckpt, cfg, {"receiver": receiver.fingerprint(), "sender": sender.fingerprint()}, "loaded"))
     tflow = build_tflow(cfg, receiver, sender)
     tflow.load_state_dict(ckpt["state_dict"])
     return tflow.to(receiver.device).eval()

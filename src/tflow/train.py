@@ -30,7 +30,8 @@ from tflow.mix import TrainingSet, receiver_prompt, sender_view, training_set
 from tflow.lora import TransientLoRA
 from tflow.models import Backbone, load_backbones, target_linears
 from tflow.pipeline import TFlow, build_tflow, delta_for, save_generator, zero_delta_like
-from tflow.utils import discard_stale, provenance, rng_state, seed_everything, set_rng_state, torch_save_atomic, write_json_atomic, write_text_atomic
+from tflow.utils import (discard_stale, provenance, rng_state, seed_everything, set_rng_state, torch_load, torch_save_atomic,
+                         write_json_atomic, write_text_atomic)
 
 log = logging.getLogger("tflow.train")
 
@@ -111,32 +112,32 @@ def _train(cfg: DictConfig, world: distributed.World, progress: bool, stop_after
     final = out / "generator.pt"
     chash = config_hash(cfg)
     if restart_on_change and world.main:
-        stale = [torch.load(p, map_location="cpu", weights_only=False).get("config_hash") != chash
+        stale = [torch_load(p, "training state").get("config_hash") != chash
                  for p in (final, out / "ckpt" / "last.pt") if p.is_file()]
         if any(stale):
             discard_stale(out, ["generator.pt", "ckpt", "train_log.jsonl", "train_summary.json"], "the config changed")
     distributed.barrier(world)
     if final.is_file():
-        done = torch.load(final, map_location="cpu", weights_only=False).get("config_hash")
+        done = torch_load(final, "generator checkpoint").get("config_hash")
         if done != chash:
             raise ConfigError(f"{final} was trained with another config (hash {done} != {chash}); "
                               f"use a new train.out_dir or delete {out}")
         log.info("%s exists for this config: training already finished", final)
         return final
     ckpt_path = out / "ckpt" / "last.pt"
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.is_file() else None
+    state = torch_load(ckpt_path, "training state") if ckpt_path.is_file() else None
     if state is not None and state["config_hash"] != chash:
         raise ConfigError(f"{ckpt_path} was written with another config (hash {state['config_hash']} != {chash}); "
                           f"use a new train.out_dir or delete {out}")
-    if world.main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "config.yaml", to_yaml(cfg))
     seed_everything(cfg.train.seed)
 
     budget = cfg.train.steps * cfg.train.batch_size
     data = training_set(cfg.data, cfg.train.seed, budget, cfg.model.cache_dir) if problems is None else \
         TrainingSet(problems[:budget], {"given": {"kept": len(problems)}})
     problems = data.problems
+    if world.main:  # after the data loaded: a missing data folder leaves nothing in out_dir
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "config.yaml", to_yaml(cfg))
     receiver, sender = backbones or load_backbones(_rank_config(cfg, world))
     linears = target_linears(receiver.model, list(cfg.lora.targets), None if cfg.lora.layers is None else list(cfg.lora.layers))
     cache = ConditionCache(cfg.model.cache_dir, sender, cfg.agents.max_question_tokens)

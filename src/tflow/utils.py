@@ -15,6 +15,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from tflow.errors import BusyError, CheckpointError
+
 PROVENANCE_PACKAGES = ["torch", "transformers", "peft", "omegaconf", "gguf", "numpy", "tflow-repro"]
 
 
@@ -56,6 +58,53 @@ def torch_save_atomic(obj: Any, path: str | Path) -> None:
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def torch_load(path: str | Path, what: str = "checkpoint") -> Any:
+    """torch.load onto the CPU; a missing or unreadable (truncated, corrupt) file is a CheckpointError naming it."""
+    import torch
+
+    if not Path(path).is_file():
+        raise CheckpointError(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError, ... by format and damage
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise CheckpointError(f"{what} {path} cannot be read ({type(err).__name__}: {first}); it is truncated or "
+                              "corrupt (an interrupted write or copy): delete it and write it again") from None
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path) -> Iterator[None]:
+    """Hold `folder/.lock` exclusively for the block (fcntl.flock: the kernel drops it when the holder dies,
+    however it dies) with the holder's PID inside; while another live process holds it, fail at once with a
+    BusyError naming the folder and that PID. The file is removed on release."""
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, default_file_mode())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise BusyError(f"{folder} is in use by another run (PID {holder}, lock {path}); wait for it to finish, "
+                            "or give this run another output folder") from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        os.close(fd)  # a finishing holder removed that file after we opened it: lock the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):  # before unlocking: whoever opened this file meanwhile retries
+            os.unlink(path)
+        os.close(fd)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:

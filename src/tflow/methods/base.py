@@ -5,9 +5,15 @@ Every method answers a batch of problems given the task's receiver prompts and r
 problem, the receiver's text, its generated-token count, whether it hit the token budget, and an
 `Accounting` with the prompt and generated tokens of EVERY agent and seconds per phase (a batch's
 seconds are shared equally among its rows). Methods are registered in `tflow.methods.METHODS`.
+
+Sampling (`eval.do_sample`) is per problem: each row of a batch draws from its own generator, seeded from
+the run seed, the problem's task id and the agent (`row_seed`), so a problem's answer does not depend on
+what ran before in the process or on which problems share its batch (`RowSampler`, used by every
+generation path: `generate`, the KV comparator, `tflow.infer.TFlowAgents.answer`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import dataclass
@@ -16,6 +22,7 @@ from typing import Any, Protocol, Sequence
 
 import torch
 from omegaconf import DictConfig
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from tflow.accounting import Accounting, PrefillTimer
 from tflow.agents import receiver_batch
@@ -50,11 +57,51 @@ class Method(Protocol):
         ...
 
 
-def sampling(ev: DictConfig) -> dict[str, Any]:
-    """generate() keyword arguments for the configured decoding (greedy unless eval.do_sample)."""
-    if ev.do_sample:
-        return dict(do_sample=True, temperature=ev.temperature, top_p=ev.top_p, top_k=None)
-    return dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+def row_seed(seed: int, key: str, agent: str) -> int:
+    """A stable seed for one agent on one problem: sha256 of (run seed, problem key, agent), never Python's
+    hash() (salted per process)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}\0{key}\0{agent}".encode()).digest()[:8], "little") >> 1
+
+
+class RowSampler(LogitsProcessor):
+    """Temperature/top-p sampling that does not depend on the batch: each row draws its next token with its own
+    torch.Generator and forces it (every other logit -inf), so generate() runs greedy (do_sample=False)."""
+
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float):
+        if temperature <= 0 or not 0 < top_p <= 1:
+            raise ConfigError(f"sampling needs temperature > 0 and 0 < top_p <= 1 (got {temperature}, {top_p}); "
+                              "set eval.temperature / eval.top_p, or eval.do_sample=false for greedy")
+        self.seeds, self.temperature, self.top_p = list(seeds), temperature, top_p
+        self.generators: list[torch.Generator] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if not self.generators:
+            self.generators = [torch.Generator(scores.device).manual_seed(s) for s in self.seeds]
+        if len(self.generators) != scores.shape[0]:
+            raise ValueError(f"RowSampler has {len(self.generators)} seeds for a batch of {scores.shape[0]} rows")
+        probs, order = torch.softmax(scores.float() / self.temperature, -1).sort(-1, descending=True)
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= self.top_p, 0.0)  # nucleus: keeps >= 1 token
+        picks = torch.stack([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)])
+        return torch.full_like(scores, float("-inf")).scatter_(-1, order.gather(-1, picks), 0.0)
+
+
+def decoding(do_sample: bool, temperature: float, top_p: float, seeds: Sequence[int]) -> dict[str, Any]:
+    """generate() keyword arguments: plain greedy, or per-row seeded sampling (`RowSampler`, run as greedy)."""
+    kw: dict[str, Any] = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if do_sample:
+        kw["logits_processor"] = LogitsProcessorList([RowSampler(seeds, temperature, top_p)])
+    return kw
+
+
+def sampling(ev: DictConfig, task_ids: Sequence[str], agent: str) -> dict[str, Any]:
+    """generate() keyword arguments for the configured decoding of `agent` on these problems (greedy unless
+    eval.do_sample; each row then seeded from eval.seed, its task id and the agent)."""
+    return decoding(ev.do_sample, ev.temperature, ev.top_p, [row_seed(ev.seed, t, agent) for t in task_ids])
+
+
+def receiver_role(cfg: DictConfig) -> str:
+    """The receiver's role prompt at evaluation: eval.receiver_role (the prompt arm), else agents.receiver."""
+    return cfg.eval.receiver_role or cfg.agents.receiver
 
 
 def decode_rows(tok: Any, generated: torch.Tensor, forced: bool = False) -> list[tuple[str, int, bool]]:
@@ -68,17 +115,19 @@ def decode_rows(tok: Any, generated: torch.Tensor, forced: bool = False) -> list
 
 
 def generate(backbone: Backbone, role: str, messages: Sequence[str], ev: DictConfig, acc: Accounting,
-             rows: list[Accounting], agent: str, max_new_tokens: int, min_new_tokens: int = 0,
-             phases: tuple[str, str] = ("receiver_prefill", "decode")) -> list[tuple[str, int, bool]]:
-    """Batched chat generation for one agent. Adds the agent's tokens to each row's accounting and the
-    batch's prefill/decode seconds to `acc`. Returns (text, generated tokens, truncated) per row."""
+             rows: list[Accounting], agent: str, max_new_tokens: int, task_ids: Sequence[str],
+             min_new_tokens: int = 0, phases: tuple[str, str] = ("receiver_prefill", "decode"),
+             ) -> list[tuple[str, int, bool]]:
+    """Batched chat generation for one agent (row i answers problem task_ids[i]). Adds the agent's tokens to
+    each row's accounting and the batch's prefill/decode seconds to `acc`. Returns (text, generated tokens,
+    truncated) per row."""
     tok = backbone.tokenizer
     batch = receiver_batch(tok, role, messages, padding_side="left")
     timer = PrefillTimer()
     with torch.no_grad():
         out = backbone.model.generate(**{k: v.to(backbone.device) for k, v in batch.items()},
                                       max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                                      pad_token_id=tok.pad_token_id, streamer=timer, **sampling(ev))
+                                      pad_token_id=tok.pad_token_id, streamer=timer, **sampling(ev, task_ids, agent))
     prefill, decode = timer.split()
     acc.add_seconds(phases[0], prefill)
     acc.add_seconds(phases[1], decode)
@@ -127,10 +176,21 @@ def write_trained(out: str | Path, method: str, chash: str, receiver: Backbone, 
                                                    "receiver": receiver.fingerprint(), **extra})
 
 
+def _read_marker(marker: Path) -> dict[str, Any]:
+    try:
+        info = json.loads(marker.read_text(encoding="utf-8"))
+        if isinstance(info, dict) and isinstance(info.get("config_hash"), str):
+            return info
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        pass
+    raise CheckpointError(f"{marker} is unreadable or incomplete (not the JSON its trainer writes); delete "
+                          f"{marker.parent} and train again")
+
+
 def trained_hash(out: str | Path) -> str | None:
     """The config hash of a finished training in `out`, or None when there is none."""
     marker = Path(out) / TRAINED_MARKER
-    return json.loads(marker.read_text())["config_hash"] if marker.is_file() else None
+    return _read_marker(marker)["config_hash"] if marker.is_file() else None
 
 
 def read_trained(folder: str | None, method: str, receiver: Backbone) -> Path:
@@ -139,7 +199,7 @@ def read_trained(folder: str | None, method: str, receiver: Backbone) -> Path:
     if not folder or not marker.is_file():
         raise CheckpointError(f"method {method} needs eval.checkpoint=<a folder trained by its trainer "
                               f"(tflow.methods.METHODS[{method!r}].trainer)>; {marker} not found")
-    info = json.loads(marker.read_text())
+    info = _read_marker(marker)
     if info.get("method") != method:
         raise CheckpointError(f"{folder} holds a trained {info.get('method')!r}, not {method!r}")
     if info.get("receiver") != receiver.fingerprint():

@@ -100,11 +100,11 @@ class ActivationCommunication:
 
     def answer(self, problems: Sequence[EvalProblem], prompts: Sequence[str]) -> list[MethodOutput]:
         acc, rows = Accounting(), [Accounting() for _ in problems]
-        state = self.sender_state([p.question for p in problems], acc, rows)
+        state = self.sender_state([p.sender_view for p in problems], acc, rows)
         layer = decoder_layers(self.receiver.model)[self.j - 1]
         with patch_last_token(layer, state.to(self.receiver.device), self.cfg.eval.ac_op):
             res = generate(self.receiver, self.cfg.agents.receiver, prompts, self.cfg.eval, acc, rows, "receiver",
-                           self.cfg.eval.max_new_tokens)
+                           self.cfg.eval.max_new_tokens, [p.task_id for p in problems])
         share_seconds(acc, rows)
         return [MethodOutput(t, n, tr, row) for (t, n, tr), row in zip(res, rows)]
 
@@ -168,7 +168,7 @@ class KVCommunication:
         out = self.model.model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache,
                                         max_new_tokens=self.cfg.eval.max_new_tokens,
                                         pad_token_id=self.model.tokenizer.pad_token_id, streamer=timer,
-                                        **sampling(self.cfg.eval))
+                                        **sampling(self.cfg.eval, [p.task_id for p in problems], "receiver"))
         prefill, decode = timer.split()
         acc.add_seconds("receiver_prefill", prefill)
         acc.add_seconds("decode", decode)

@@ -1,4 +1,4 @@
-"""`textmas`: verbal communication. Each sender writes a text message (role prompt + question); the
+"""`textmas`: verbal communication. Each sender writes a text message (role prompt + sender view); the
 messages, in sender order, precede the receiver's task prompt. Presets (`eval.textmas_preset`,
 `tflow.methods.TEXTMAS_PRESETS`): long (up to 1024 tokens per sender, the paper's budget) and short48
 (exactly 48 tokens per sender, the reviewers' baseline)."""
@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from tflow.accounting import Accounting
 from tflow.methods import TEXTMAS_PRESETS
-from tflow.methods.base import MethodOutput, generate, share_seconds, warm_up
+from tflow.methods.base import MethodOutput, generate, receiver_role, share_seconds, warm_up
 from tflow.models import Backbone, load_backbones
 from tflow.tasks.base import EvalProblem
 
@@ -36,21 +36,22 @@ class TextMAS:
 
     def prepare(self, problems: Sequence[EvalProblem]) -> None:
         if problems:
-            warm_up(self.receiver, self.cfg.agents.receiver, problems[0].question)
+            warm_up(self.receiver, receiver_role(self.cfg), problems[0].question)
             if self.sender is not self.receiver:
                 warm_up(self.sender, self.cfg.agents.senders[0], problems[0].question)
 
     def answer(self, problems: Sequence[EvalProblem], prompts: Sequence[str]) -> list[MethodOutput]:
         acc, rows = Accounting(), [Accounting() for _ in problems]
         messages: list[dict[str, str]] = [{} for _ in problems]
-        for role in self.cfg.agents.senders:  # senders see the question only, as in TFlow
-            res = generate(self.sender, role, [p.question for p in problems], self.cfg.eval, acc, rows,
-                           f"sender:{role}", self.message_tokens, self.message_tokens if self.fixed else 0,
+        ids = [p.task_id for p in problems]
+        for role in self.cfg.agents.senders:  # senders read the task's sender view, as in TFlow
+            res = generate(self.sender, role, [p.sender_view for p in problems], self.cfg.eval, acc, rows,
+                           f"sender:{role}", self.message_tokens, ids, self.message_tokens if self.fixed else 0,
                            phases=("sender_prefill", "sender_decode"))
             for i, (text, _, _) in enumerate(res):
                 messages[i][role] = text
         full = [textmas_prompt(m, p) for m, p in zip(messages, prompts)]
-        res = generate(self.receiver, self.cfg.agents.receiver, full, self.cfg.eval, acc, rows, "receiver",
-                       self.cfg.eval.max_new_tokens)
+        res = generate(self.receiver, receiver_role(self.cfg), full, self.cfg.eval, acc, rows, "receiver",
+                       self.cfg.eval.max_new_tokens, ids)
         share_seconds(acc, rows)
         return [MethodOutput(t, n, tr, row, m) for (t, n, tr), row, m in zip(res, rows, messages)]

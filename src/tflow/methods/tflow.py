@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import torch
 from omegaconf import DictConfig
 
-import torch
-
 from tflow.errors import CheckpointError
-from tflow.methods.base import MethodOutput, derangement, reference_batch, row_nll
+from tflow.methods.base import MethodOutput, derangement, receiver_role, reference_batch, row_nll, row_seed
 from tflow.tasks.base import EvalProblem
 
 
@@ -54,7 +53,9 @@ class TFlowMethod:
         answers = self.agents.answer([p.sender_view for p in problems], ev.max_new_tokens, do_sample=ev.do_sample,
                                      temperature=ev.temperature, top_p=ev.top_p,
                                      zero_delta=self.name == "tflow_zero_delta", receiver_prompts=prompts,
-                                     condition_questions=cond)
+                                     condition_questions=cond,
+                                     row_seeds=[row_seed(ev.seed, p.task_id, "receiver") for p in problems],
+                                     receiver_role=receiver_role(self.cfg))
         return [MethodOutput(a.text, a.generated_tokens, a.truncated, a.accounting) for a in answers]
 
     @torch.no_grad()
@@ -73,7 +74,7 @@ class TFlowMethod:
             states, _ = sender_states(ag.sender, role, views, cfg.agents.max_question_tokens, batch_size=len(problems))
             for row, state in zip(per_example, states):
                 row.append(state)
-        batch = reference_batch(ag.receiver.tokenizer, cfg.agents.receiver, problems, cfg.data.max_solution_tokens)
+        batch = reference_batch(ag.receiver.tokenizer, receiver_role(cfg), problems, cfg.data.max_solution_tokens)
         delta, _ = delta_for(ag.tflow, ag.receiver, per_example, batch)
         if self.name == "tflow_zero_delta":
             delta = zero_delta_like(delta)

@@ -29,8 +29,8 @@ from tflow.methods.base import trained_hash, write_trained
 from tflow.mix import TrainingSet, training_set
 from tflow.models import Backbone, load_backbones
 from tflow.train import _truncate_log, batch_problems, lr_at
-from tflow.utils import (discard_stale, provenance, rng_state, seed_everything, set_rng_state, torch_save_atomic,
-                         write_json_atomic, write_text_atomic)
+from tflow.utils import (discard_stale, provenance, rng_state, seed_everything, set_rng_state, torch_load,
+                         torch_save_atomic, write_json_atomic, write_text_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def _train_one(cfg: DictConfig, build: Build, receiver: Backbone, sender: Backbo
     out.mkdir(parents=True, exist_ok=True)
     key = f"{chash}/{cfg.train.lr:g}"
     ckpt_path = out / "ckpt" / "last.pt"
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.is_file() else None
+    state = torch_load(ckpt_path, "training state") if ckpt_path.is_file() else None
     if state is not None and state["key"] != key:
         if not restart_on_change:
             raise ConfigError(f"{ckpt_path} was written with another config; use a new train.out_dir or delete {out}")
