@@ -26,6 +26,7 @@ import contextlib
 import fcntl
 import hashlib
 import importlib.util
+import itertools
 import json
 import logging
 import os
@@ -87,7 +88,7 @@ def build_lock(build: Path, wait_s: float = BUILD_WAIT_S) -> Iterator[None]:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         deadline = time.monotonic() + wait_s
-        while True:
+        for attempt in itertools.count():
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
@@ -97,7 +98,9 @@ def build_lock(build: Path, wait_s: float = BUILD_WAIT_S) -> Iterator[None]:
                     raise TimeoutError(f"waited {wait_s:.0f} s for {path}, held by PID {holder} building the "
                                        "cpu_fused op; if that process is stuck, end it (its lock goes with it) "
                                        "or choose backend=torch") from None
-                log.warning("waiting for %s: PID %s is building the cpu_fused op", path, holder)
+                if attempt == 0:
+                    log.warning("waiting (at most %.0f s) for %s: PID %s is building the cpu_fused op", wait_s, path,
+                                holder)
                 time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
