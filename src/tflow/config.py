@@ -141,6 +141,8 @@ class EvalConfig:
     temperature: float = 0.6
     top_p: float = 0.95
     batch_size: int = 8
+    sort_by_length: bool = False  # batches of similar prompt lengths (less padding; fixed, so resumes agree)
+    cache: str = "dynamic"  # the receiver's KV cache in generate(): dynamic | static (preallocated)
     seed: int = 0  # sampling seed and the shuffled-condition permutation
     textmas_preset: str = "long"  # long: senders write up to 1024 tokens (paper); short48: exactly 48 each
     # The receiver's role prompt at evaluation (None: agents.receiver, the prompt it was trained with). The
@@ -241,6 +243,7 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.train.steps >= 1 and cfg.train.batch_size >= 1, "train", "steps and batch_size must be >= 1")
     ev = cfg.eval
     need(ev.source in ("offline", "hub"), "eval.source", "must be offline or hub")
+    need(ev.cache in ("dynamic", "static"), "eval.cache", "must be dynamic or static")
     need(ev.n is None or ev.n >= 1, "eval.n", "must be >= 1 (or null for the whole set)")
     need(ev.max_new_tokens >= 1 and ev.batch_size >= 1, "eval", "max_new_tokens and batch_size must be >= 1")
     need(ev.ac_op in ("replace", "sum", "mean"), "eval.ac_op", f"unknown op {ev.ac_op!r}; choose replace, sum or mean")

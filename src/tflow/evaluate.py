@@ -73,6 +73,13 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in data[:end].decode("utf-8").splitlines() if line.strip()]
 
 
+def batches_of(problems: Sequence[EvalProblem], ev: DictConfig, task: Any) -> list[list[EvalProblem]]:
+    """The run's fixed batches: consecutive chunks of eval.batch_size problems, in subset order or, with
+    eval.sort_by_length, in order of the receiver prompt's length (similar lengths pad less)."""
+    order = sorted(problems, key=lambda p: len(task.prompt(p))) if ev.sort_by_length else list(problems)
+    return [order[k:k + ev.batch_size] for k in range(0, len(order), ev.batch_size)]
+
+
 def finished_batches(path: Path, batches: Sequence[Sequence[EvalProblem]]) -> dict[str, dict[str, Any]]:
     """The records of the batches an earlier run recorded completely. Records of a partly recorded batch (and
     duplicates) are dropped from the file (atomic rewrite), so that batch is redone whole, as it first ran."""
@@ -155,7 +162,7 @@ def _evaluate(cfg: DictConfig, out: Path, task: Any, problems: list[EvalProblem]
     method, run_cfg = build_method(cfg, layers, overrides)
     check_config(out, run_cfg, restart_on_change)
     records_path = out / "records.jsonl"
-    batches = [problems[k:k + ev.batch_size] for k in range(0, len(problems), ev.batch_size)]
+    batches = batches_of(problems, ev, task)
     done = finished_batches(records_path, batches)
     todo = [b for b in batches if b[0].task_id not in done]
     seed_everything(ev.seed)

@@ -128,7 +128,8 @@ class TFlowAgents:
         with TransientLoRA(self.linears, delta, backend=cfg.backend, factor_dtype=DTYPES[cfg.lora.factor_dtype]):
             out = self.receiver.model.generate(
                 **{k: v.to(self.receiver.device) for k, v in batch.items()}, max_new_tokens=max_new_tokens,
-                pad_token_id=tok.pad_token_id, streamer=timer, **decoding(do_sample, temperature, top_p, seeds))
+                pad_token_id=tok.pad_token_id, streamer=timer, **decoding(do_sample, temperature, top_p, seeds),
+                **({"cache_implementation": "static"} if cfg.eval.cache == "static" else {}))
         prefill, decode = timer.split()
         acc.add_seconds("receiver_prefill", prefill)
         acc.add_seconds("decode", decode)

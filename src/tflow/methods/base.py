@@ -96,7 +96,8 @@ def decoding(do_sample: bool, temperature: float, top_p: float, seeds: Sequence[
 def sampling(ev: DictConfig, task_ids: Sequence[str], agent: str) -> dict[str, Any]:
     """generate() keyword arguments for the configured decoding of `agent` on these problems (greedy unless
     eval.do_sample; each row then seeded from eval.seed, its task id and the agent)."""
-    return decoding(ev.do_sample, ev.temperature, ev.top_p, [row_seed(ev.seed, t, agent) for t in task_ids])
+    kw = decoding(ev.do_sample, ev.temperature, ev.top_p, [row_seed(ev.seed, t, agent) for t in task_ids])
+    return {**kw, "cache_implementation": "static"} if ev.cache == "static" else kw
 
 
 def receiver_role(cfg: DictConfig) -> str:
