@@ -24,7 +24,8 @@ import psutil
 import pytest
 
 from tflow.tasks.humanevalplus import HumanEvalPlusTask
-from tflow.tasks.judge import ENDED, JUDGE_LOST, MALFORMED, NOT_PLAIN, NOT_RUN, RAISED, REASONS, SLOW, STATUSES, WALL, WRONG
+from tflow.tasks.judge import (ENDED, JUDGE_LOST, MALFORMED, NOT_PLAIN, NOT_RUN, RAISED, REASONS, SLOW, STATUSES,
+                               WALL, WRONG)
 from tflow.tasks.sandbox import Sandbox
 
 pytestmark = pytest.mark.skipif(not (sys.platform == "linux" and platform.machine() == "x86_64"),
@@ -36,7 +37,8 @@ BOX = Sandbox(min_time_limit=0.2)  # evalplus's per-input floor is 1 s: shorter 
 EXPECTED = {  # (base verdict, reason) per probe; every other probe: its attack raises in the sandbox
     "eq_always_true": ("fail", NOT_PLAIN), "frame_overwrite": ("fail", WRONG), "allclose_patch": ("fail", WRONG),
     "status_forge": ("timeout", ENDED), "channel_corruption": ("fail", MALFORMED), "infinite_loop": ("fail", SLOW),
-    "loop_ignoring_alarm": ("timeout", WALL), "judge_crash": ("error", JUDGE_LOST), "judge_memory": ("fail", NOT_PLAIN)}
+    "loop_ignoring_alarm": ("timeout", WALL), "judge_crash": ("error", JUDGE_LOST),
+    "judge_memory": ("fail", NOT_PLAIN)}
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +180,7 @@ def test_attacks_are_real_without_the_sandbox(he, workdir, tmp_path):
         outs = outputs(host, works + scoring)
         task = HumanEvalPlusTask(sandbox=Sandbox(isolate=False, seccomp=False, min_time_limit=0.2))
         scores = task.score([he["HumanEval/2"]] * len(outs), outs, workdir)
-        assert [s.correct for s in scores[::2]] == [True] * len(works) + [False] * len(scoring), [s.detail for s in scores]
+        assert [s.correct for s in scores[::2]] == [True] * len(works) + [False] * len(scoring)
         assert all(s.correct for s in scores[1::2])
         assert host.token not in json.dumps([s.detail for s in scores])
         assert not host.sentinel.exists()  # spawn_shell removed it

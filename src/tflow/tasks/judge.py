@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from tflow.tasks.plain import NotPlain, dumps_plain, loads_plain
-from tflow.tasks.sandbox import _LEN, UNAVAILABLE, Runner, Sandbox, SandboxLost, sandbox_env
+from tflow.tasks.sandbox import (LENGTH, UNAVAILABLE, Runner, Sandbox, SandboxLost, require_platform,
+                                 sandbox_env)
 
 log = logging.getLogger(__name__)
 NOT_RUN = "skipped"  # plus status when base did not pass (base AND plus decides correctness, as in evalplus)
@@ -52,6 +53,7 @@ REASONS = frozenset((WRONG, LOAD, RAISED, SLOW, NOT_PLAIN, MALFORMED, TOO_BIG, W
 def evaluate(dataset: str, records: dict[str, dict], samples: list[tuple[str, str]], gt_dir: Path,
              box: Sandbox) -> list[dict[str, Any]]:
     """Score (task_id, code) samples: one {"base", "plus", "error"} per sample."""
+    require_platform(box)
     deadline = time.monotonic() + box.wall_timeout_s if box.wall_timeout_s else math.inf
     rows: list[dict[str, Any]] = []
     while len(rows) < len(samples):
@@ -142,7 +144,11 @@ def judge_main() -> None:
     job = pickle.load(sys.stdin.buffer)  # from the harness (trusted)
     box = Sandbox(**job["box"])
     resource.setrlimit(resource.RLIMIT_AS, (box.judge_memory_bytes,) * 2)
-    emit = (lambda obj: (out.write(json.dumps(obj) + "\n"), out.flush()))
+
+    def emit(obj: dict[str, Any]) -> None:
+        out.write(json.dumps(obj) + "\n")
+        out.flush()
+
     runner = _start(box)
     try:
         t0 = time.monotonic()
@@ -211,20 +217,21 @@ class _Verdict:
     """evalplus's verdict on one check, from its record stream as the chunks arrive (see sandbox._execute)."""
 
     def __init__(self, dataset: str, entry_point: str, inputs: list, expected: list, atol: float, cap: int) -> None:
-        self.dataset, self.entry_point, self.inputs, self.expected, self.atol = dataset, entry_point, inputs, expected, atol
+        self.dataset, self.entry_point, self.atol = dataset, entry_point, atol
+        self.inputs, self.expected = inputs, expected
         self.cap, self.buf, self.stage, self.done = cap, bytearray(), "start", 0
         self.result: tuple[str, str | None] | None = None
 
     def feed(self, chunk: bytes) -> bool:
         """Take a chunk; True once the verdict is a failure (the check may stop)."""
         self.buf += chunk
-        while self.result is None and len(self.buf) >= 1 + _LEN.size:
-            n = _LEN.unpack_from(self.buf, 1)[0]
+        while self.result is None and len(self.buf) >= 1 + LENGTH.size:
+            n = LENGTH.unpack_from(self.buf, 1)[0]
             if n > self.cap:
                 self.result = ("fail", MALFORMED)
-            elif len(self.buf) >= 1 + _LEN.size + n:
-                tag, payload = bytes(self.buf[:1]), bytes(self.buf[1 + _LEN.size:1 + _LEN.size + n])
-                del self.buf[:1 + _LEN.size + n]
+            elif len(self.buf) >= 1 + LENGTH.size + n:
+                tag, payload = bytes(self.buf[:1]), bytes(self.buf[1 + LENGTH.size:1 + LENGTH.size + n])
+                del self.buf[:1 + LENGTH.size + n]
                 self._record(tag, payload)
             else:
                 break

@@ -40,7 +40,7 @@ from tflow.tasks.plain import dumps_plain
 UNAVAILABLE = ("sandbox isolation failed", "sandbox privileges not dropped", "interpreter not readable in the sandbox",
                "seccomp sandbox unavailable here")  # the runner's reasons to refuse samples
 _FRAME = struct.Struct(">cQ")  # runner -> judge: kind (H hello, D record bytes, E end of check), length
-_LEN = struct.Struct(">Q")  # judge -> runner: length of a pickled request; check -> runner: record length
+LENGTH = struct.Struct(">Q")  # judge -> runner: length of a pickled request; check -> judge: of a record
 _CHUNK = 1 << 20
 _SILENCE_S = 60.0  # the runner answers within a check's wall limit plus this, or is lost
 
@@ -72,9 +72,7 @@ class Runner:
     """The judge's handle on one runner process; `hello` is its validated report."""
 
     def __init__(self, box: Sandbox) -> None:
-        if box.seccomp and not (sys.platform == "linux" and platform.machine() == "x86_64"):
-            raise ConfigError("the code sandbox's seccomp filter supports Linux x86_64 only; run the code tasks there "
-                              "(or pass Sandbox(seccomp=False) knowingly)")
+        require_platform(box)
         self.tmp = tempfile.mkdtemp(prefix="tflow-sandbox-")
         self.ids = itertools.count()
         self.buf = bytearray()
@@ -126,7 +124,7 @@ class Runner:
     def _send(self, msg: dict[str, Any]) -> None:
         data = pickle.dumps(msg)
         try:
-            self.proc.stdin.write(_LEN.pack(len(data)) + data)
+            self.proc.stdin.write(LENGTH.pack(len(data)) + data)
             self.proc.stdin.flush()
         except OSError as err:
             raise SandboxLost("runner gone") from err
@@ -151,6 +149,12 @@ class Runner:
         out = bytes(self.buf[:n])
         del self.buf[:n]
         return out
+
+
+def require_platform(box: Sandbox) -> None:
+    if box.seccomp and not (sys.platform == "linux" and platform.machine() == "x86_64"):
+        raise ConfigError("the code sandbox's seccomp filter supports Linux x86_64 only; run the code tasks there "
+                          "(or pass Sandbox(seccomp=False) knowingly)")
 
 
 def _json_dict(data: bytes) -> dict[str, Any] | None:
@@ -302,8 +306,8 @@ def _reap() -> None:
 
 
 def _read_msg() -> dict[str, Any] | None:
-    head = _read_exact(0, _LEN.size)
-    data = _read_exact(0, _LEN.unpack(head)[0]) if head else b""
+    head = _read_exact(0, LENGTH.size)
+    data = _read_exact(0, LENGTH.unpack(head)[0]) if head else b""
     return pickle.loads(data) if data else None  # from the judge (trusted)
 
 
@@ -359,13 +363,9 @@ def _check_process(msg: dict[str, Any], w: int, devnull: int, box: Sandbox, prog
 
 
 def _writer(fd: int) -> Callable[..., None]:
-    write, pack = os.write, _LEN.pack  # bound before the program runs
-
     def put(tag: bytes, data: bytes = b"") -> None:
-        for part in (tag + pack(len(data)), data):
-            view = memoryview(part)
-            while view:
-                view = view[write(fd, view):]
+        _write_all(fd, tag + LENGTH.pack(len(data)))
+        _write_all(fd, data)
     return put
 
 
