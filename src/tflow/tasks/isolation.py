@@ -71,9 +71,13 @@ def _bind(src: str, dst: str, device: bool) -> None:
         _mount(None, dst, None, flags if st & (1024 | 4096) else flags | _STRICTATIME)
 
 
-def _build_root(root: str) -> None:
-    """A tmpfs at root holding the visible paths; folders on the way to them can be crossed, not listed."""
+def _build_root(root: str, hide: list[str]) -> None:
+    """A tmpfs at root holding the visible paths; folders on the way to them can be crossed, not listed; the
+    folders in `hide` that fall inside a visible path are covered by an empty read-only tmpfs."""
     _mount("tmpfs", root, "tmpfs", _NOSUID | _NODEV, "mode=0755,size=4m")
+    for d in ("proc", "tmp"):
+        os.mkdir(f"{root}/{d}")
+    _mount("tmpfs", f"{root}/tmp", "tmpfs", _NOSUID | _NODEV, "mode=1777,size=64m")
     made: list[str] = []
     for path in visible_paths() + [d for d in DEVICES if os.path.exists(d)]:
         dst = root + path
@@ -89,11 +93,11 @@ def _build_root(root: str) -> None:
         else:
             os.close(os.open(dst, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
         _bind(path, dst, device=path in DEVICES)
-    for d in ("proc", "tmp"):
-        os.mkdir(f"{root}/{d}")
-    _mount("tmpfs", f"{root}/tmp", "tmpfs", _NOSUID | _NODEV, "mode=1777,size=64m")
     for d in made:
         os.chmod(d, 0o111)
+    for h in hide:
+        if os.path.isdir(root + os.path.abspath(h)):
+            _mount("tmpfs", root + os.path.abspath(h), "tmpfs", _RDONLY | _NOSUID | _NODEV | _NOEXEC, "mode=0,size=4k")
 
 
 def _enter_userns(flags: int) -> None:
@@ -156,7 +160,7 @@ def _threads_of(uid: int) -> int:
     return n
 
 
-def isolate(tmp: str, nproc: int) -> dict[str, Any]:
+def isolate(tmp: str, nproc: int, hide: list[str]) -> dict[str, Any]:
     """Isolate this process as far as the kernel allows (see the module doc); the namespaces obtained.
     RLIMIT_NPROC: the sample user's tasks on the host plus nproc (seccomp refuses fork: this is a second wall)."""
     root_user = os.geteuid() == 0
@@ -172,7 +176,7 @@ def isolate(tmp: str, nproc: int) -> dict[str, Any]:
     if namespaces:
         os.mkdir(f"{tmp}/root")
         _mount(None, "/", None, _REC | _PRIVATE)
-        _build_root(f"{tmp}/root")
+        _build_root(f"{tmp}/root", hide)
         _become_pid1()
         _pivot(f"{tmp}/root")
     if root_user:

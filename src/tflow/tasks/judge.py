@@ -149,30 +149,32 @@ def judge_main() -> None:
         out.write(json.dumps(obj) + "\n")
         out.flush()
 
-    runner = _start(box)
+    gt_dir = Path(job["gt_dir"])
+    gt_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # before the runner starts: it hides this folder
+    runner = _start(box, gt_dir)
     try:
         t0 = time.monotonic()
-        computed = _ground_truth(job["dataset"], job["records"], Path(job["gt_dir"]), box)
+        computed = _ground_truth(job["dataset"], job["records"], gt_dir, box)
         emit({"gt": {"computed": computed, "seconds": round(time.monotonic() - t0, 1)}})
         emit({"sandbox": runner.hello if isinstance(runner, Runner) else {"refused": runner}})
         gt: tuple[str, dict | None] = ("", None)
         for i, (task_id, code) in enumerate(job["samples"], start=job["start"]):
             if gt[0] != task_id:
-                gt = (task_id, _load_gt(Path(job["gt_dir"]), task_id, job["records"][task_id]))
+                gt = (task_id, _load_gt(gt_dir, task_id, job["records"][task_id]))
             if gt[1] is None or not isinstance(runner, Runner):
                 row = {"base": "error", "plus": NOT_RUN, "error": NO_GT if gt[1] is None else runner}
             else:
-                row, runner = _score(runner, job["dataset"], job["records"][task_id], code, gt[1], box)
+                row, runner = _score(runner, job["dataset"], job["records"][task_id], code, gt[1], box, gt_dir)
             emit({"i": i, **row})
     finally:
         if isinstance(runner, Runner):
             runner.close()
 
 
-def _start(box: Sandbox) -> Runner | str:
+def _start(box: Sandbox, gt_dir: Path) -> Runner | str:
     """A runner ready for samples, or the fixed reason why there is none."""
     try:
-        runner = Runner(box)
+        runner = Runner(box, hide=[gt_dir])
     except SandboxLost:
         return LOST
     if runner.hello["refused"] is not None:
@@ -181,8 +183,8 @@ def _start(box: Sandbox) -> Runner | str:
     return runner
 
 
-def _score(runner: Runner, dataset: str, rec: dict[str, Any], code: str, gt: dict[str, Any],
-           box: Sandbox) -> tuple[dict[str, Any], Runner | str]:
+def _score(runner: Runner, dataset: str, rec: dict[str, Any], code: str, gt: dict[str, Any], box: Sandbox,
+           gt_dir: Path) -> tuple[dict[str, Any], Runner | str]:
     """Base, then plus when base passed; the row and the runner for the next sample."""
     row: dict[str, Any] = {"base": "error", "plus": NOT_RUN, "error": None}
     for which in ("base", "plus"):
@@ -191,7 +193,7 @@ def _score(runner: Runner, dataset: str, rec: dict[str, Any], code: str, gt: dic
         except SandboxLost:
             runner.close()
             row[which], row["error"] = "error", LOST
-            return row, _start(box)
+            return row, _start(box, gt_dir)
         if row[which] != "pass":
             break
     return row, runner
@@ -346,7 +348,6 @@ def _ground_truth(dataset: str, records: dict[str, dict], gt_dir: Path, box: San
     """Compute the missing ground truth in a throwaway process; how many tasks it computed."""
     missing = {t: r for t, r in records.items() if not _gt_file(gt_dir, t).is_file()}
     if missing:
-        gt_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         with tempfile.TemporaryDirectory(prefix="tflow-gt-") as tmp:
             proc = subprocess.Popen([sys.executable, "-c", "from tflow.tasks.judge import gt_main; gt_main()"],
                                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, cwd=tmp, env=sandbox_env(tmp))

@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable, NoReturn, Sequence
 
 from tflow.errors import ConfigError
 from tflow.tasks.isolation import NOBODY, credentials, isolate
@@ -69,17 +69,19 @@ class SandboxLost(RuntimeError):
 
 
 class Runner:
-    """The judge's handle on one runner process; `hello` is its validated report."""
+    """The judge's handle on one runner process; `hello` is its validated report. `hide`: folders (the ground-truth
+    cache) the sandbox must not see even where they lie inside a visible path."""
 
-    def __init__(self, box: Sandbox) -> None:
+    def __init__(self, box: Sandbox, hide: Sequence[str] = ()) -> None:
         require_platform(box)
         self.tmp = tempfile.mkdtemp(prefix="tflow-sandbox-")
         self.ids = itertools.count()
         self.buf = bytearray()
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "from tflow.tasks.sandbox import runner_main; runner_main()",
-             json.dumps(asdict(box))], stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=self.tmp,
-            env=sandbox_env(self.tmp), start_new_session=True)
+             json.dumps({"box": asdict(box), "hide": [str(h) for h in hide]})],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=self.tmp, env=sandbox_env(self.tmp),
+            start_new_session=True)
         try:
             kind, payload = self._frame(time.monotonic() + 120, 1 << 16)
             hello = _json_dict(payload) if kind == b"H" else None
@@ -179,7 +181,8 @@ def sandbox_env(tmp: str) -> dict[str, str]:
 def runner_main() -> None:
     """The runner process: isolate, report (hello), then serve checks until the judge closes stdin."""
     sys.path[:] = [p for p in sys.path if p not in ("", os.getcwd())]  # no imports from the samples' folder
-    box = Sandbox(**json.loads(sys.argv[1]))
+    cfg = json.loads(sys.argv[1])
+    box = Sandbox(**cfg["box"])
     import evalplus.eval.utils  # noqa: F401 - loaded once here (with numpy, as in evalplus's checks), not per check
 
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
@@ -187,7 +190,7 @@ def runner_main() -> None:
     was_root, report, refused = os.geteuid() == 0, {"namespaces": [], "root": "host"}, None
     if box.isolate:
         try:
-            report = isolate(os.getcwd(), box.nproc)
+            report = isolate(os.getcwd(), box.nproc, cfg["hide"])
         except Exception:  # noqa: BLE001 - any failure here refuses every sample
             refused = UNAVAILABLE[0]
     tmp = "/tmp" if report["root"] == "minimal" else os.getcwd()
