@@ -196,3 +196,24 @@ def test_wall_clock_budget_kills_the_batch(he, workdir, host):
     assert time.perf_counter() - t0 < 10
     assert all(s.detail == {"base": "timeout", "plus": NOT_RUN, "error": "sandbox wall-clock budget exceeded"}
                for s in scores)
+
+
+def test_normal_user_without_namespaces_still_contained(host, data_dir):
+    """Where the kernel refuses namespaces, a normal user's sandbox still contains time, memory, processes and
+    network (alarms and the wall limit, rlimits, seccomp)."""
+    if os.geteuid() != 0:
+        pytest.skip("the nobody batch starts as root")
+    names = ["infinite_loop", "loop_ignoring_alarm", "memory_hog", "fork_bomb", "spawn_shell", "kill_parent",
+             "network", "write_outside"]
+    got = score_as_nobody(outputs(host, names), data_dir, Sandbox(namespaces=False, min_time_limit=0.2))
+    hello = got["hello"]
+    assert hello["refused"] is None and hello["namespaces"] == [] and hello["root"] == "host"
+    assert hello["uid"] == 65534 and hello["no_new_privs"] == 1  # bounding set: see sandbox._privileged
+    assert not any(v for k, v in hello["caps"].items() if k != "CapBnd")
+    for name, (correct, detail) in zip(names, got["scores"][::2]):
+        base, reason = EXPECTED.get(name, ("fail", RAISED))
+        assert not correct and detail == {"base": base, "plus": NOT_RUN, "error": reason}, name
+    assert all(correct for correct, _ in got["scores"][1::2])
+    assert host.sentinel.read_text() == "keep me" and live_bombs() == 0
+    with pytest.raises(BlockingIOError):
+        host.srv.accept()

@@ -5,11 +5,12 @@ import os
 import platform
 import struct
 import sys
+from pathlib import Path
 
 import pytest
 
 from tflow.tasks.plain import loads_plain
-from tflow.tasks.sandbox import Runner, Sandbox
+from tflow.tasks.sandbox import UNAVAILABLE, Runner, Sandbox
 
 pytestmark = pytest.mark.skipif(not (sys.platform == "linux" and platform.machine() == "x86_64"),
                                 reason="the code sandbox's seccomp filter is written for Linux x86_64")
@@ -75,3 +76,17 @@ def test_sandbox_sees_only_its_own_world(tmp_path, monkeypatch):
     assert seen["write_tmp"] == "PermissionError" and seen["hidden"] == "PermissionError"
     assert seen["visible"] == "fine to read"
     assert seen["uid"] == (65534 if os.geteuid() == 0 else os.geteuid())
+
+
+def test_root_without_namespaces_drops_to_nobody_or_refuses():
+    """Without namespaces root still becomes nobody with nothing left, and refuses every sample when nobody cannot
+    read this interpreter's library (here: it lives under /root, 0700)."""
+    if os.geteuid() != 0:
+        pytest.skip("as root only")
+    runner = Runner(Sandbox(namespaces=False))
+    runner.close()
+    hello = runner.hello
+    assert hello["namespaces"] == [] and hello["uid"] == 65534 and not any(hello["caps"].values())
+    stdlib = Path(os.__file__).resolve().parent
+    others_read = stdlib.stat().st_mode & 0o004 and all(p.stat().st_mode & 0o001 for p in [stdlib, *stdlib.parents])
+    assert hello["refused"] == (None if others_read else UNAVAILABLE[2])

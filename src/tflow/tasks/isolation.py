@@ -5,9 +5,11 @@ the process enters new mount, network, PID, IPC and UTS namespaces (as a normal 
 sees only a read-only root made of the system libraries and this interpreter's folders (plus a private tmpfs
 /tmp, a fresh /proc and five device nodes), and continues as PID 1 of its PID namespace while the starting
 process only waits. As root it becomes nobody with no supplementary groups and then enters a user namespace of
-its own. In every case it ends with no capabilities (bounding, ambient, inheritable, permitted, effective), no
-new privileges and not dumpable. Where namespaces are refused it drops privileges all the same; `isolate`
-returns what it got, and the caller refuses to run samples when that is not enough.
+its own. In every case it ends with no capabilities (bounding, ambient, inheritable, permitted, effective; a
+normal user outside a user namespace cannot empty its bounding set, which no_new_privs makes moot), no new
+privileges and not dumpable. Where namespaces are refused it drops privileges all the same; `isolate` returns
+what it got, and the caller refuses to run samples when that is not enough. Limits of the fallback: a normal
+user's supplementary groups stay, and files stay readable as that user (with namespaces, only the minimal root).
 """
 from __future__ import annotations
 
@@ -160,20 +162,22 @@ def _threads_of(uid: int) -> int:
     return n
 
 
-def isolate(tmp: str, nproc: int, hide: list[str]) -> dict[str, Any]:
-    """Isolate this process as far as the kernel allows (see the module doc); the namespaces obtained.
+def isolate(tmp: str, nproc: int, hide: list[str], namespaces: bool = True) -> dict[str, Any]:
+    """Isolate this process as far as the kernel allows (see the module doc; namespaces=False: as if it allowed
+    none); the namespaces obtained.
     RLIMIT_NPROC: the sample user's tasks on the host plus nproc (seccomp refuses fork: this is a second wall)."""
     root_user = os.geteuid() == 0
     nproc_limit = (_threads_of(NOBODY if root_user else os.geteuid()) + nproc,) * 2
     if not root_user:
         resource.setrlimit(resource.RLIMIT_NPROC, nproc_limit)
-    namespaces: list[str] = []
+    got: list[str] = []
     try:
-        _ok(_libc.unshare(sum(_NS.values())), "unshare") if root_user else _enter_userns(sum(_NS.values()))
-        namespaces = list(_NS) + ([] if root_user else ["user"])
+        if namespaces:
+            _ok(_libc.unshare(sum(_NS.values())), "unshare") if root_user else _enter_userns(sum(_NS.values()))
+            got = list(_NS) + ([] if root_user else ["user"])
     except OSError:
         pass
-    if namespaces:
+    if got:
         os.mkdir(f"{tmp}/root")
         _mount(None, "/", None, _REC | _PRIVATE)
         _build_root(f"{tmp}/root", hide)
@@ -181,18 +185,18 @@ def isolate(tmp: str, nproc: int, hide: list[str]) -> dict[str, Any]:
         _pivot(f"{tmp}/root")
     if root_user:
         _drop_bounding()
-        if not namespaces:
+        if not got:
             os.chown(tmp, NOBODY, NOBODY)
         os.setgroups([])
         os.setresgid(NOBODY, NOBODY, NOBODY)
         os.setresuid(NOBODY, NOBODY, NOBODY)
         resource.setrlimit(resource.RLIMIT_NPROC, nproc_limit)
-        if namespaces:
+        if got:
             with contextlib.suppress(OSError):
                 _enter_userns(0)
-                namespaces.append("user")
+                got.append("user")
     _drop_capabilities()
-    return {"namespaces": sorted(namespaces), "root": "minimal" if namespaces else "host"}
+    return {"namespaces": sorted(got), "root": "minimal" if got else "host"}
 
 
 def credentials() -> dict[str, Any]:

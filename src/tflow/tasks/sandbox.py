@@ -49,6 +49,7 @@ _SILENCE_S = 60.0  # the runner answers within a check's wall limit plus this, o
 class Sandbox:
     """How model code runs. The defaults are the protected setting; tests turn layers off to check them."""
     isolate: bool = True  # namespaces, minimal root, nobody (when root), no capabilities; False: the harness's user
+    namespaces: bool = True  # new namespaces and a minimal root where the kernel allows (False: tests of the fallback)
     seccomp: bool = True  # syscall filter in every check process (Linux x86_64)
     memory_bytes: int = 4 << 30  # per-check RLIMIT_AS (evalplus's EVALPLUS_MAX_MEMORY_BYTES default)
     judge_memory_bytes: int = 12 << 30  # RLIMIT_AS of the judge and ground-truth processes
@@ -190,7 +191,7 @@ def runner_main() -> None:
     was_root, report, refused = os.geteuid() == 0, {"namespaces": [], "root": "host"}, None
     if box.isolate:
         try:
-            report = isolate(os.getcwd(), box.nproc, cfg["hide"])
+            report = isolate(os.getcwd(), box.nproc, cfg["hide"], box.namespaces)
         except Exception:  # noqa: BLE001 - any failure here refuses every sample
             refused = UNAVAILABLE[0]
     tmp = "/tmp" if report["root"] == "minimal" else os.getcwd()
@@ -207,8 +208,12 @@ def runner_main() -> None:
 
 
 def _privileged(report: dict[str, Any], was_root: bool) -> str | None:
-    """Why the runner may not run samples after isolation, if it may not."""
-    if any(report["caps"].values()) or report["no_new_privs"] != 1 or was_root and (
+    """Why the runner may not run samples after isolation, if it may not. (A normal user outside a user namespace
+    cannot empty its bounding set; no_new_privs keeps it from mattering.)"""
+    caps = dict(report["caps"])
+    if not was_root and "user" not in report["namespaces"]:
+        caps.pop("CapBnd")
+    if any(caps.values()) or report["no_new_privs"] != 1 or was_root and (
             report["uid"] != NOBODY or report["gid"] != NOBODY or report["groups"]):
         return UNAVAILABLE[1]
     if not os.access(os.path.dirname(os.__file__), os.R_OK | os.X_OK):
