@@ -42,7 +42,8 @@ def run_probe(runner: Runner, *args: str) -> dict:
     request = {"code": PROBE, "entry_point": "f", "inputs": [list(args)], "limits": [5.0], "not_none": False}
     end = runner.run(request, 10, lambda chunk: chunks.append(chunk) or False)
     stream = b"".join(chunks)
-    assert not (end["killed"] or end["stopped"] or end["overflow"]) and stream[:18] == b"r" + bytes(8) + b"x" + bytes(8), (end, stream[:40])
+    assert not (end["killed"] or end["stopped"] or end["overflow"]), end
+    assert stream[:18] == b"r" + bytes(8) + b"x" + bytes(8), stream[:40]  # ready, loaded
     (n,) = struct.unpack(">Q", stream[19:27])
     assert stream[18:19] == b"o" and len(stream) == 27 + n
     return loads_plain(stream[27:])
@@ -69,7 +70,8 @@ def test_sandbox_sees_only_its_own_world(tmp_path, monkeypatch):
 
     seen = probe_with([visible / "gt"])
     assert probe_with([])["hidden"] == ["task.gt"]  # control: not hidden, the folder shows its file
-    assert seen["list_root"] == "PermissionError" and seen["shadow"] == "FileNotFoundError"
+    assert seen["list_root"] in ("PermissionError", "FileNotFoundError")  # crossable only if python lives there
+    assert seen["shadow"] == "FileNotFoundError"
     assert seen["processes"] == 2 and seen["interfaces"] == ["lo"]  # the runner (PID 1) and this process
     assert seen["status"] == ["CapAmb:\t0000000000000000", "CapBnd:\t0000000000000000", "CapEff:\t0000000000000000",
                               "CapInh:\t0000000000000000", "CapPrm:\t0000000000000000", "NoNewPrivs:\t1", "Seccomp:\t2"]

@@ -8,8 +8,9 @@ process only waits. As root it becomes nobody with no supplementary groups and t
 its own. In every case it ends with no capabilities (bounding, ambient, inheritable, permitted, effective; a
 normal user outside a user namespace cannot empty its bounding set, which no_new_privs makes moot), no new
 privileges and not dumpable. Where namespaces are refused it drops privileges all the same; `isolate` returns
-what it got, and the caller refuses to run samples when that is not enough. Limits of the fallback: a normal
-user's supplementary groups stay, and files stay readable as that user (with namespaces, only the minimal root).
+what it got, and the caller refuses to run samples when that is not enough. Limits for a normal user: its
+supplementary groups stay (no user namespace can drop them), and without namespaces the sandbox can read what
+that user can read.
 """
 from __future__ import annotations
 

@@ -195,9 +195,9 @@ def runner_main() -> None:
         except Exception:  # noqa: BLE001 - any failure here refuses every sample
             refused = UNAVAILABLE[0]
     tmp = "/tmp" if report["root"] == "minimal" else os.getcwd()
-    os.chdir(tmp)
     os.environ.update(HOME=tmp, TMPDIR=tmp)
     tempfile.tempdir = tmp
+    os.chdir(tempfile.mkdtemp())  # the checks' working folder: empty, and they cannot write
     report.update(credentials())
     prog = seccomp_filter() if box.seccomp else None
     refused = refused or (_privileged(report, was_root) if box.isolate else None) or (_probe(prog) if prog else None)
@@ -359,7 +359,6 @@ def _check_process(msg: dict[str, Any], w: int, devnull: int, box: Sandbox, prog
             os.dup2(devnull, fd)
         os.closerange(3, w)
         os.closerange(w + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
-        os.chdir(tempfile.mkdtemp())
         _limit(resource.RLIMIT_CPU, box.check_cpu_s, resource.RLIMIT_FSIZE, 0, resource.RLIMIT_NOFILE, 256)
         reliability_guard(min(box.memory_bytes, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")))
         if prog is not None:
