@@ -128,7 +128,7 @@ END = {"killed": False, "stopped": False, "overflow": False}
 def verdict_of(stream: bytes, **end) -> tuple[str, str | None]:
     v = _Verdict("humaneval", "f", [[1], [2]], [1, 2], 0, cap=1000)
     for i in range(len(stream)):  # byte by byte: records split anywhere
-        if v.feed(stream[i:i + 1]):
+        if v.feed(stream[i:i + 1])[0]:
             break
     return v.finish({**END, **end})
 

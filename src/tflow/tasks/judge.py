@@ -224,9 +224,10 @@ class _Verdict:
         self.cap, self.buf, self.stage, self.done = cap, bytearray(), "start", 0
         self.result: tuple[str, str | None] | None = None
 
-    def feed(self, chunk: bytes) -> bool:
-        """Take a chunk; True once the verdict is a failure (the check may stop)."""
+    def feed(self, chunk: bytes) -> tuple[bool, int]:
+        """Take a chunk: (the verdict is a failure, so the check may stop; outputs accepted by this chunk)."""
         self.buf += chunk
+        before = self.done
         while self.result is None and len(self.buf) >= 1 + LENGTH.size:
             n = LENGTH.unpack_from(self.buf, 1)[0]
             if n > self.cap:
@@ -237,7 +238,7 @@ class _Verdict:
                 self._record(tag, payload)
             else:
                 break
-        return self.result is not None
+        return self.result is not None, self.done - before
 
     def _record(self, tag: bytes, payload: bytes) -> None:
         if tag == b"o" and self.stage == "run" and self.done < len(self.inputs):

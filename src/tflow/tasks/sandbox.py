@@ -93,20 +93,25 @@ class Runner:
             raise
         self.hello: dict[str, Any] = hello
 
-    def run(self, request: dict[str, Any], wall: float, feed: Callable[[bytes], bool]) -> dict[str, bool]:
+    def run(self, request: dict[str, Any], wall: float, feed: Callable[[bytes], tuple[bool, int]]) -> dict[str, bool]:
         """One check: `request` has code, entry_point, inputs, limits, not_none. Each chunk of its record stream
-        goes to `feed`, which returns True to stop the check; returns how it ended (killed at the wall limit,
-        stopped, overflow)."""
+        goes to `feed`, which returns (stop the check, outputs accepted); the check process waits for each
+        acceptance before its next input, as evalplus compares before it calls again, and the time the judge takes
+        is not counted against it. Returns how the check ended (killed at the wall limit, stopped, overflow)."""
         rid = next(self.ids)
         self._send({"op": "run", "id": rid, "wall": wall, **request})
         deadline, stopped = time.monotonic() + wall + _SILENCE_S, False
         while True:
             kind, payload = self._frame(deadline, _CHUNK)
-            deadline = max(deadline, time.monotonic() + _SILENCE_S)  # reading big outputs takes the judge a while
             if kind == b"D":
-                if not stopped and feed(payload):
-                    self._send({"op": "stop", "id": rid})
-                    stopped = True
+                if not stopped:
+                    t0 = time.monotonic()
+                    stop, accepted = feed(payload)
+                    if stop or accepted:
+                        credit = time.monotonic() - t0
+                        self._send({"op": "stop", "id": rid} if stop else
+                                   {"op": "go", "id": rid, "n": accepted, "credit": credit})
+                        stopped, deadline = stop, deadline + credit
                 continue
             end = _json_dict(payload) if kind == b"E" else None
             flags = ("killed", "stopped", "overflow")
@@ -224,26 +229,32 @@ def _privileged(report: dict[str, Any], was_root: bool) -> str | None:
 def _serve(box: Sandbox, prog: bytes | None, devnull: int) -> None:
     while (msg := _read_msg()) is not None:
         if msg.get("op") != "run":
-            continue  # a stop that came after its check ended
-        r, w = os.pipe()
+            continue  # a stop or go that came after its check ended
+        r, w = os.pipe()  # records, check -> runner
+        gr, gw = os.pipe()  # one byte per accepted output, runner -> check
         pid = os.fork()
         if pid == 0:
             os.close(r)
-            _check_process(msg, w, devnull, box, prog)
+            os.close(gw)
+            _check_process(msg, w, gr, devnull, box, prog)
         os.close(w)
+        os.close(gr)
+        os.set_blocking(gw, False)
         try:
-            end = _relay(pid, r, msg["id"], msg["wall"], box.max_output_bytes)
+            end = _relay(pid, r, gw, msg["id"], msg["wall"], box.max_output_bytes)
         finally:
             os.close(r)
+            os.close(gw)
             _reap()
         if end is None:
             return
         _emit(b"E", json.dumps(end).encode())
 
 
-def _relay(pid: int, r: int, rid: int, wall: float, cap: int) -> dict[str, Any] | None:
-    """Forward the check's records until it exits; kill it at the wall limit, at a stop, or past cap bytes.
-    None when the judge is gone."""
+def _relay(pid: int, r: int, gw: int, rid: int, wall: float, cap: int) -> dict[str, Any] | None:
+    """Forward the check's records until it exits; pass the judge's acceptances on (the wall limit grows by the
+    time the judge took); kill the check at the wall limit, at a stop, or past cap bytes. None when the judge is
+    gone."""
     pidfd = os.pidfd_open(pid)
     poll = select.poll()
     for fd in (r, pidfd, 0):
@@ -270,6 +281,10 @@ def _relay(pid: int, r: int, rid: int, wall: float, cap: int) -> dict[str, Any] 
                         return None
                     if msg.get("op") == "stop" and msg.get("id") == rid:
                         kill("stopped")
+                    elif msg.get("op") == "go" and msg.get("id") == rid:
+                        deadline += msg["credit"]
+                        with contextlib.suppress(BlockingIOError, BrokenPipeError):
+                            os.write(gw, b"g" * msg["n"])  # a check that does not wait for them fills the pipe
                 elif fd == r:
                     chunk = os.read(r, _CHUNK)
                     if not chunk or sent + len(chunk) > cap:
@@ -349,7 +364,7 @@ def _limit(*pairs: int) -> None:
 
 
 # ----------------------------------------------------------------------------- the check process
-def _check_process(msg: dict[str, Any], w: int, devnull: int, box: Sandbox, prog: bytes | None) -> NoReturn:
+def _check_process(msg: dict[str, Any], w: int, g: int, devnull: int, box: Sandbox, prog: bytes | None) -> NoReturn:
     """Confine this forked process, then run the program (`_execute`); never returns."""
     code = 70
     try:
@@ -357,13 +372,15 @@ def _check_process(msg: dict[str, Any], w: int, devnull: int, box: Sandbox, prog
 
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
-        os.closerange(3, w)
-        os.closerange(w + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        lo, hi = sorted((w, g))
+        os.closerange(3, lo)
+        os.closerange(lo + 1, hi)
+        os.closerange(hi + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         _limit(resource.RLIMIT_CPU, box.check_cpu_s, resource.RLIMIT_FSIZE, 0, resource.RLIMIT_NOFILE, 256)
         reliability_guard(min(box.memory_bytes, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")))
         if prog is not None:
             install_seccomp(prog)
-        _execute(msg, _writer(w))
+        _execute(msg, _writer(w), lambda: os.read(g, 1) == b"g")
         code = 0
     finally:
         os._exit(code)
@@ -376,9 +393,10 @@ def _writer(fd: int) -> Callable[..., None]:
     return put
 
 
-def _execute(msg: dict[str, Any], put: Callable[..., None]) -> None:
+def _execute(msg: dict[str, Any], put: Callable[..., None], accepted: Callable[[], bool]) -> None:
     """evalplus 0.3.1's unsafe_execute without the comparison: records r (ready), then x (loaded) or X (failed to
-    load), then per input o + output, or e (raised) / t (time limit) / b (not plain data), which end the run."""
+    load), then per input o + output, or e (raised) / t (time limit) / b (not plain data), which end the run.
+    After each output it waits until the judge has accepted it (a rejected one ends the process)."""
     from evalplus.eval.utils import TimeoutException, swallow_io, time_limit
 
     put(b"r")
@@ -406,6 +424,8 @@ def _execute(msg: dict[str, Any], put: Callable[..., None]) -> None:
         except BaseException:  # noqa: BLE001
             return put(b"b")
         put(b"o", data)
+        if not accepted():
+            return None
     return None
 
 
