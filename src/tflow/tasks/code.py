@@ -165,7 +165,8 @@ def _sanitize(code: str, entry_point: str) -> str | None:
 # ----------------------------------------------------------------------------- scoring (harness side)
 def score_code(dataset: str, problems: Sequence[EvalProblem], outputs: Sequence[str], workdir: str | Path,
                sandbox: Sandbox) -> list[Score]:
-    """Extract each output's code and run evalplus's base and plus tests on it in the sandbox."""
+    """Extract each output's code and run evalplus's base and plus tests on it: the program runs in the sandbox,
+    its outputs are compared in the trusted judge (`tflow.tasks.judge`)."""
     if len(problems) != len(outputs):
         raise ConfigError(f"{len(problems)} problems but {len(outputs)} outputs")
     codes = [extract_code(o, p.meta["entry_point"], p.meta["prompt"] if dataset == "humaneval" else None)

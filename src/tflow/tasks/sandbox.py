@@ -7,10 +7,12 @@ that: puts stdio on /dev/null and closes every other descriptor but its record p
 folder, sets rlimits (CPU, file size 0, core, descriptors), applies evalplus's reliability_guard (memory) and a
 seccomp filter (no fork/exec/sockets/signals/ptrace, no file writes or deletes), and only then runs the program:
 evalplus's unsafe_execute loop without the comparison. It writes one record per input (the output as plain data,
-or that the call raised, hit its time limit, or returned something that is not plain data) and stops at the
-first failure, where evalplus's fast_check would stop whatever the earlier outputs were. The runner relays the
-records, kills the check at evalplus's wall limit, at the judge's request, or past `max_output_bytes`, and says
-how it ended. Every frame the judge reads from the runner is checked (`Runner`).
+or that the call raised, hit its time limit, or returned something that is not plain data), stops at the first
+failure, where evalplus's fast_check would stop whatever the earlier outputs were, and before each next call
+waits until the judge has accepted the output (evalplus too compares before it calls again). The runner relays
+the records and acceptances, kills the check at evalplus's wall limit (not counting the judge's time), at the
+judge's request, or past `max_output_bytes`, and says how it ended. Every frame the judge reads from the runner
+is checked (`Runner`).
 """
 from __future__ import annotations
 
