@@ -40,11 +40,9 @@ def f(hidden, visible):
 def run_probe(runner: Runner, *args: str) -> dict:
     chunks: list[bytes] = []
 
-    def feed(chunk: bytes) -> tuple[bool, int]:  # accept the one output once it is complete
+    def feed(chunk: bytes) -> tuple[bool, int]:
         chunks.append(chunk)
-        stream = b"".join(chunks)
-        done = len(stream) > 27 and len(stream) == 27 + struct.unpack(">Q", stream[19:27])[0]
-        return False, int(done)
+        return False, 0  # a small output: nothing for the check to wait for
 
     request = {"code": PROBE, "entry_point": "f", "inputs": [list(args)], "limits": [5.0], "not_none": False}
     end = runner.run(request, 10, feed)

@@ -53,6 +53,9 @@ CASES = [  # (id, dataset, entry point, inputs, expected outputs, atol, body of 
     ("loop_ignoring_alarm", "humaneval", "f", [[1]], [1], 0,
      "signal.signal(signal.SIGALRM, signal.SIG_IGN)\nwhile True:\n    pass"),
     ("exits", "humaneval", "f", [[1]], [1], 0, "os._exit(0)"),
+    ("large_outputs", "humaneval", "f", [[1], [2]], ["x" * 2**21, ["y"] * 2**18], 0,  # lockstep with the judge
+     "return 'x' * 2**21 if args[0] == 1 else ['y'] * 2**18"),
+    ("large_output_wrong", "humaneval", "f", [[1], [2], [3]], ["x" * 2**21, "z", "z"], 0, "return 'x' * 2**21"),
     ("set_eq", "mbpp", "similar_elements", [[(3, 4), (4, 3)]], [(3, 4)], 0, "return [4, 3, 3]"),
     ("set_eq_wrong", "mbpp", "similar_elements", [[(3, 4), (4, 3)]], [(3, 4)], 0, "return (4,)"),
     ("not_none_match", "mbpp", "check_str", [["ab"]], [True], 0, "return re.match('a', 'ab')"),

@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from tflow.tasks.plain import NotPlain, dumps_plain, loads_plain
-from tflow.tasks.sandbox import (LENGTH, UNAVAILABLE, Runner, Sandbox, SandboxLost, require_platform,
-                                 sandbox_env)
+from tflow.tasks.sandbox import (LENGTH, LOCKSTEP_BYTES, UNAVAILABLE, Runner, Sandbox, SandboxLost,
+                                 require_platform, sandbox_env)
 
 log = logging.getLogger(__name__)
 NOT_RUN = "skipped"  # plus status when base did not pass (base AND plus decides correctness, as in evalplus)
@@ -221,13 +221,14 @@ class _Verdict:
     def __init__(self, dataset: str, entry_point: str, inputs: list, expected: list, atol: float, cap: int) -> None:
         self.dataset, self.entry_point, self.atol = dataset, entry_point, atol
         self.inputs, self.expected = inputs, expected
-        self.cap, self.buf, self.stage, self.done = cap, bytearray(), "start", 0
+        self.cap, self.buf, self.stage, self.done, self.large = cap, bytearray(), "start", 0, 0
         self.result: tuple[str, str | None] | None = None
 
     def feed(self, chunk: bytes) -> tuple[bool, int]:
-        """Take a chunk: (the verdict is a failure, so the check may stop; outputs accepted by this chunk)."""
+        """Take a chunk: (the verdict is a failure, so the check may stop; large outputs it accepted, for which
+        the check process waits)."""
         self.buf += chunk
-        before = self.done
+        before = self.large
         while self.result is None and len(self.buf) >= 1 + LENGTH.size:
             n = LENGTH.unpack_from(self.buf, 1)[0]
             if n > self.cap:
@@ -238,7 +239,7 @@ class _Verdict:
                 self._record(tag, payload)
             else:
                 break
-        return self.result is not None, self.done - before
+        return self.result is not None, self.large - before
 
     def _record(self, tag: bytes, payload: bytes) -> None:
         if tag == b"o" and self.stage == "run" and self.done < len(self.inputs):
@@ -268,6 +269,7 @@ class _Verdict:
         except Exception:  # noqa: BLE001 - evalplus: an exception in the comparison fails the input
             ok = False
         self.done += 1
+        self.large += len(payload) >= LOCKSTEP_BYTES
         if not ok:
             self.result = ("fail", WRONG)
 

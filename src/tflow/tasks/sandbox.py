@@ -8,8 +8,9 @@ folder, sets rlimits (CPU, file size 0, core, descriptors), applies evalplus's r
 seccomp filter (no fork/exec/sockets/signals/ptrace, no file writes or deletes), and only then runs the program:
 evalplus's unsafe_execute loop without the comparison. It writes one record per input (the output as plain data,
 or that the call raised, hit its time limit, or returned something that is not plain data), stops at the first
-failure, where evalplus's fast_check would stop whatever the earlier outputs were, and before each next call
-waits until the judge has accepted the output (evalplus too compares before it calls again). The runner relays
+failure, where evalplus's fast_check would stop whatever the earlier outputs were, and after a large output waits
+until the judge has accepted it (evalplus too compares before it calls again; reading a large output would
+otherwise compete with the next call for the CPU and its time limit). The runner relays
 the records and acceptances, kills the check at evalplus's wall limit (not counting the judge's time), at the
 judge's request, or past `max_output_bytes`, and says how it ended. Every frame the judge reads from the runner
 is checked (`Runner`).
@@ -44,6 +45,7 @@ UNAVAILABLE = ("sandbox isolation failed", "sandbox privileges not dropped", "in
 _FRAME = struct.Struct(">cQ")  # runner -> judge: kind (H hello, D record bytes, E end of check), length
 LENGTH = struct.Struct(">Q")  # judge -> runner: length of a pickled request; check -> judge: of a record
 _CHUNK = 1 << 20
+LOCKSTEP_BYTES = 1 << 20  # after an output this large the check waits for the judge to accept it
 _SILENCE_S = 60.0  # the runner answers within a check's wall limit plus this, or is lost
 
 
@@ -97,9 +99,9 @@ class Runner:
 
     def run(self, request: dict[str, Any], wall: float, feed: Callable[[bytes], tuple[bool, int]]) -> dict[str, bool]:
         """One check: `request` has code, entry_point, inputs, limits, not_none. Each chunk of its record stream
-        goes to `feed`, which returns (stop the check, outputs accepted); the check process waits for each
-        acceptance before its next input, as evalplus compares before it calls again, and the time the judge takes
-        is not counted against it. Returns how the check ended (killed at the wall limit, stopped, overflow)."""
+        goes to `feed`, which returns (stop the check, large outputs accepted); the check process waits for those
+        acceptances, and the time the judge takes is not counted against it. Returns how the check ended (killed
+        at the wall limit, stopped, overflow)."""
         rid = next(self.ids)
         self._send({"op": "run", "id": rid, "wall": wall, **request})
         deadline, stopped = time.monotonic() + wall + _SILENCE_S, False
@@ -398,7 +400,8 @@ def _writer(fd: int) -> Callable[..., None]:
 def _execute(msg: dict[str, Any], put: Callable[..., None], accepted: Callable[[], bool]) -> None:
     """evalplus 0.3.1's unsafe_execute without the comparison: records r (ready), then x (loaded) or X (failed to
     load), then per input o + output, or e (raised) / t (time limit) / b (not plain data), which end the run.
-    After each output it waits until the judge has accepted it (a rejected one ends the process)."""
+    After an output of LOCKSTEP_BYTES or more it waits until the judge has accepted it (a rejected one ends the
+    process): reading it takes the judge long enough to slow the next call down."""
     from evalplus.eval.utils import TimeoutException, swallow_io, time_limit
 
     put(b"r")
@@ -426,7 +429,7 @@ def _execute(msg: dict[str, Any], put: Callable[..., None], accepted: Callable[[
         except BaseException:  # noqa: BLE001
             return put(b"b")
         put(b"o", data)
-        if not accepted():
+        if len(data) >= LOCKSTEP_BYTES and not accepted():
             return None
     return None
 
