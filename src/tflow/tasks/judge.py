@@ -69,33 +69,44 @@ def _judge(dataset: str, records: dict[str, dict], samples: list[tuple[str, str]
            box: Sandbox, deadline: float) -> list[dict[str, Any]]:
     """Run one judge on samples[start:]; the rows it delivered before it finished, died or stalled."""
     todo = samples[start:]
-    job = {"dataset": dataset, "records": {t: records[t] for t, _ in todo}, "samples": todo, "start": start,
-           "gt_dir": str(gt_dir), "box": asdict(box)}
-    proc = subprocess.Popen([sys.executable, "-c", "from tflow.tasks.judge import judge_main; judge_main()"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
+    with tempfile.TemporaryDirectory(prefix="tflow-judge-") as tmp:  # the judge's, runner's and ground truth's
+        os.chmod(tmp, 0o711)  # a runner that became nobody without namespaces works in a folder inside
+        job = {"dataset": dataset, "records": {t: records[t] for t, _ in todo}, "samples": todo, "start": start,
+               "gt_dir": str(gt_dir), "box": asdict(box), "tmp": tmp}
+        proc = subprocess.Popen([sys.executable, "-c", "from tflow.tasks.judge import judge_main; judge_main()"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
+        try:
+            rows = _rows(proc, job, box, deadline)
+            if len(rows) == len(todo):
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=30)  # a judge that delivered everything closes its runner and leaves
+        finally:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            proc.stdout.close()
+    return rows
+
+
+def _rows(proc: subprocess.Popen, job: dict[str, Any], box: Sandbox, deadline: float) -> list[dict[str, Any]]:
+    """Send the job; read the judge's lines until every row came, or it died, stalled or sent a bad one."""
     rows: list[dict[str, Any]] = []
-    try:
-        with contextlib.suppress(BrokenPipeError):
-            proc.stdin.write(pickle.dumps(job))
-            proc.stdin.close()
-        lines, due = _Lines(proc.stdout.fileno()), time.monotonic() + box.gt_timeout_s + box.sample_timeout_s
-        while len(rows) < len(todo):
-            obj = _json(lines.next(min(due, deadline)))
-            if isinstance(obj, dict) and set(obj) == {"gt"} and isinstance(obj["gt"], dict):
-                log.info("evalplus ground truth: %s tasks computed in %ss", obj["gt"].get("computed"),
-                         obj["gt"].get("seconds"))
-            elif isinstance(obj, dict) and set(obj) == {"sandbox"}:
-                log.info("code sandbox: %s", json.dumps(obj["sandbox"])[:400])
-            elif (row := _row(obj, start + len(rows))) is not None:
-                rows.append(row)
-            else:
-                break
-            due = time.monotonic() + box.sample_timeout_s
-    finally:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        proc.stdout.close()
+    with contextlib.suppress(BrokenPipeError):
+        proc.stdin.write(pickle.dumps(job))
+        proc.stdin.close()
+    lines, due = _Lines(proc.stdout.fileno()), time.monotonic() + box.gt_timeout_s + box.sample_timeout_s
+    while len(rows) < len(job["samples"]):
+        obj = _json(lines.next(min(due, deadline)))
+        if isinstance(obj, dict) and set(obj) == {"gt"} and isinstance(obj["gt"], dict):
+            log.info("evalplus ground truth: %s tasks computed in %ss", obj["gt"].get("computed"),
+                     obj["gt"].get("seconds"))
+        elif isinstance(obj, dict) and set(obj) == {"sandbox"}:
+            log.info("code sandbox: %s", json.dumps(obj["sandbox"])[:400])
+        elif (row := _row(obj, job["start"] + len(rows))) is not None:
+            rows.append(row)
+        else:
+            break
+        due = time.monotonic() + box.sample_timeout_s
     return rows
 
 
@@ -142,6 +153,7 @@ def judge_main() -> None:
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # nothing else reaches the harness's pipe
     job = pickle.load(sys.stdin.buffer)  # from the harness (trusted)
+    tempfile.tempdir = job["tmp"]  # the harness removes it, whatever happens to this process
     box = Sandbox(**job["box"])
     resource.setrlimit(resource.RLIMIT_AS, (box.judge_memory_bytes,) * 2)
 
