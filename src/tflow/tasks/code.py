@@ -1,7 +1,8 @@
 """Code benchmarks (HumanEval+, MBPP+): loading, code extraction, and evalplus's official scoring.
 
-Scoring runs every sample in `tflow.tasks.sandbox` (a sandboxed child process with time and memory limits,
-a privilege drop and a seccomp filter); model code never runs in this process.
+Scoring (`tflow.tasks.judge`) runs every sample in `tflow.tasks.sandbox` (namespaces, nobody, no capabilities,
+seccomp, time and memory limits) and compares its outputs, returned as plain data, in a trusted judge process
+with evalplus's semantics; model code never runs in this process nor in the judge.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from typing import Any, Callable, Sequence
 
 from tflow.errors import ConfigError, DataError
 from tflow.tasks.base import EvalProblem, Score
-from tflow.tasks.sandbox import NOT_RUN, Sandbox, run_sandboxed
+from tflow.tasks.judge import NOT_RUN, evaluate
+from tflow.tasks.sandbox import Sandbox
 
 log = logging.getLogger(__name__)
 INSTRUCTION = ("Please provide a self-contained Python script that solves the following problem "
@@ -64,8 +66,9 @@ def make_problems(dataset: str, path: str, question: Callable[[dict], str]) -> l
 def scorer() -> str:
     from importlib.metadata import version
 
-    return (f"evalplus {version('evalplus')} untrusted_check, base then plus (fast_check), sandboxed; "
-            "upstream find_zero fix")
+    return (f"evalplus {version('evalplus')} semantics, base then plus (fast_check), upstream find_zero fix; "
+            "outputs returned as plain data from a sandbox (namespaces, nobody, no capabilities, seccomp) and "
+            "compared in a trusted process")
 
 
 def code_prompt(problem: EvalProblem) -> str:
@@ -162,7 +165,8 @@ def _sanitize(code: str, entry_point: str) -> str | None:
 # ----------------------------------------------------------------------------- scoring (harness side)
 def score_code(dataset: str, problems: Sequence[EvalProblem], outputs: Sequence[str], workdir: str | Path,
                sandbox: Sandbox) -> list[Score]:
-    """Extract each output's code and run evalplus's base and plus tests on it in the sandbox."""
+    """Extract each output's code and run evalplus's base and plus tests on it: the program runs in the sandbox,
+    its outputs are compared in the trusted judge (`tflow.tasks.judge`)."""
     if len(problems) != len(outputs):
         raise ConfigError(f"{len(problems)} problems but {len(outputs)} outputs")
     codes = [extract_code(o, p.meta["entry_point"], p.meta["prompt"] if dataset == "humaneval" else None)
@@ -174,7 +178,7 @@ def score_code(dataset: str, problems: Sequence[EvalProblem], outputs: Sequence[
             records = load_records(dataset, path)
             gt_dir = Path(workdir) / "evalplus_gt" / hashlib.md5(Path(path).read_bytes()).hexdigest()
             jobs = [(problems[i].task_id, codes[i]) for i in todo]
-            results.update(zip(todo, run_sandboxed(dataset, records, jobs, gt_dir, sandbox)))
+            results.update(zip(todo, evaluate(dataset, records, jobs, gt_dir, sandbox)))
     none = {"base": "fail", "plus": NOT_RUN, "error": "no code in the output"}
     details = [results.get(i, none) for i in range(len(codes))]
     return [Score(extracted=c, correct=d["base"] == d["plus"] == "pass", detail=d) for c, d in zip(codes, details)]
