@@ -59,8 +59,17 @@ def make_problems(dataset: str, path: str, question: Callable[[dict], str]) -> l
     """One EvalProblem per record; meta keeps what scoring needs (the records stay in load_records' cache)."""
     return [EvalProblem(task_id=r["task_id"], question=question(r), gold="",
                         meta={"entry_point": r["entry_point"], "prompt": r["prompt"], "dataset": dataset,
-                              "data_path": path})
+                              "data_path": path, "canonical": r["canonical_solution"]})
             for r in load_records(dataset, path).values()]
+
+
+def code_reference(problem: EvalProblem, with_prompt: bool) -> str:
+    """The canonical solution in one python block, as the code tasks ask the receiver to answer (HumanEval's
+    canonical solution is the body of its prompt's function: the prompt comes first)."""
+    from tflow.data import code_block
+
+    body = problem.meta["canonical"]
+    return code_block((problem.meta["prompt"] + body) if with_prompt else body)
 
 
 def scorer() -> str:

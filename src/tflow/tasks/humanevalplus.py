@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 from tflow.errors import ConfigError
 from tflow.tasks.base import EvalProblem, Score
-from tflow.tasks.code import (Sandbox, code_prompt, make_problems, read_source_commit, require_file, score_code,
+from tflow.tasks.code import (Sandbox, code_prompt, code_reference, make_problems, read_source_commit, require_file, score_code,
                               scorer)
 
 DATASET = "humaneval"
@@ -48,6 +48,9 @@ class HumanEvalPlusTask:
 
     def sender_view(self, problem: EvalProblem) -> str:
         return problem.question  # the signature and the docstring with its examples
+
+    def reference(self, problem: EvalProblem) -> str | None:
+        return code_reference(problem, with_prompt=True)
 
     def score(self, problems: Sequence[EvalProblem], outputs: Sequence[str], workdir: str | Path) -> list[Score]:
         return score_code(DATASET, problems, outputs, workdir, self.sandbox)

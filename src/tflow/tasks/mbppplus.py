@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from tflow.errors import ConfigError
 from tflow.tasks.base import EvalProblem, Score
-from tflow.tasks.code import (Sandbox, code_prompt, make_problems, read_source_commit, require_file, score_code,
+from tflow.tasks.code import (Sandbox, code_prompt, code_reference, make_problems, read_source_commit, require_file, score_code,
                               scorer)
 
 DATASET = "mbpp"
@@ -56,6 +56,9 @@ class MbppPlusTask:
 
     def sender_view(self, problem: EvalProblem) -> str:
         return problem.question  # the description and an example assertion (name and signature)
+
+    def reference(self, problem: EvalProblem) -> str | None:
+        return code_reference(problem, with_prompt=False)
 
     def score(self, problems: Sequence[EvalProblem], outputs: Sequence[str], workdir: str | Path) -> list[Score]:
         return score_code(DATASET, problems, outputs, workdir, self.sandbox)
