@@ -80,6 +80,21 @@ def test_soft_tokens_shapes_padding_and_positions(pair, edge):
         assert not any(isinstance(m, torch.nn.MultiheadAttention) or type(m).__name__ == "Attention" for m in e.modules())
 
 
+def test_nll_on_the_scored_tail_equals_row_nll_on_full_logits(pair):
+    """Left padding + logits for the solution tail only == tflow.methods.base.row_nll on full right-padded logits."""
+    from tflow.methods.base import row_nll
+
+    receiver, sender = pair
+    g = _graph(_cfg(), receiver, sender)
+    solutions = ["7", "Natalia sold 48 / 2 = 24 clips in May, 72 in all."]
+    with torch.no_grad():
+        soft = g.soft_tokens(VIEWS)
+        nll, n = g.nll(soft, PROMPTS, solutions)
+        embeds, mask, labels, _ = g.inputs(soft, PROMPTS, solutions, side="right")
+        ref_nll, ref_n = row_nll(receiver.model(inputs_embeds=embeds, attention_mask=mask).logits, labels)
+    assert nll.tolist() == pytest.approx(ref_nll, rel=1e-4) and n.tolist() == ref_n and ref_n[0] < ref_n[1]
+
+
 def _problem(i, view):
     from tflow.tasks.base import EvalProblem
 
