@@ -2,6 +2,7 @@
 layout, parameter matching against TFlow's module, training through the shared trainer, evaluation, accounting,
 the held-out NLL; and a slow smoke test on the real Qwen 0.5B -> 1.5B pair."""
 import json
+import os
 
 import pytest
 import torch
@@ -36,7 +37,7 @@ def _graph(cfg, receiver, sender, width=16):
 
 @pytest.mark.parametrize("edge", ["transformer", "mlp"])
 def test_soft_tokens_shapes_padding_and_positions(pair, edge):
-    """Each row gets one segment per sender (its question span) before its prompt; padded batches (left for
+    """Each row gets one segment per sender (its question span) inside its prompt; padded batches (left for
     generation, right for training) give the same numbers as each row alone; the mlp edge is per token."""
     from tflow.agents import question_span
     from tflow.methods.base import decode_rows
@@ -58,10 +59,11 @@ def test_soft_tokens_shapes_padding_and_positions(pair, edge):
                 real = mask[b].bool()
                 alone = receiver.model(inputs_embeds=embeds[b:b + 1, real]).logits[0]
                 torch.testing.assert_close(logits[b, real], alone, atol=1e-4, rtol=1e-4)
-            if side == "right":
-                n_soft = [s.shape[0] for s in soft]
-                assert all((labels[b, :n_soft[b]] == -100).all() for b in range(2))
-                assert (labels != -100).sum() > 0
+            if side == "right":  # each row's soft tokens sit where its user message starts, unscored
+                for b, s in enumerate(soft):
+                    k = question_span(receiver.tokenizer, cfg.agents.receiver, PROMPTS[b], 1 << 30).start
+                    assert 0 < k and embeds[b, k:k + len(s)].equal(s)
+                    assert (labels[b, :k + len(s)] == -100).all() and (labels[b] != -100).any()
         # generation from left-padded inputs_embeds (positions from the mask) == each row alone
         outs = g.answer([_problem(i, v) for i, v in enumerate(VIEWS)], PROMPTS)
         embeds, mask, _, _ = g.inputs(soft, PROMPTS, side="left")
@@ -218,9 +220,12 @@ def test_reference_nll_is_the_training_loss_per_problem(trained):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("TFLOW_REAL_PAIR"), reason="loads the 0.5B and 1.5B Qwen assets (minutes on "
+                    "2 cores): set TFLOW_REAL_PAIR=1 to run it")
 def test_real_qwen_pair_smoke(tmp_path):
     """Qwen2.5-Coder 0.5B senders -> 1.5B receiver (the offline assets, converted once): matched edges, one
-    training step, a held-out NLL and a short answer."""
+    training step, a held-out NLL and a short answer. Opt-in (TFLOW_REAL_PAIR=1), so the default suite stays
+    CI-sized; skipped when the assets are not installed."""
     from tflow.config import load_config
     from tflow.data import heldout_gsm8k
     from tflow.errors import AssetError

@@ -55,7 +55,7 @@ METHODS: Registry[MethodSpec] = Registry("method", "eval.method", {
                      "the senders' layer-k state combined into its layer-j state"),
     "kv": MethodSpec("tflow.methods.latent:KVCommunication", "latent", "the senders' KV cache before its prompt"),
     "lmnet": MethodSpec("tflow.methods.lmnet:LMNet", "latent",
-                        "the senders' final states through trained seq2seq edges, as soft tokens before its prompt",
+                        "the senders' final states through trained seq2seq edges, as soft tokens in its prompt",
                         needs="trained", trainer="tflow.methods.lmnet", presets={"mlp": ("lmnet.edge=mlp",)}),
 })
 

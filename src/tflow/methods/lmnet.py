@@ -13,14 +13,16 @@ of edges, senders -> receiver, and every backbone stays frozen:
        same span TFlow's condition reads, capped at agents.max_question_tokens)
     -> edge s (trainable): LayerNorm + Linear to the edge width, `lmnet.depth` blocks, LayerNorm + Linear to
        the receiver's embedding width, times the receiver's embedding RMS [T_s, d_receiver]
-  receiver (frozen; reads inputs_embeds): [edge 1's T_1 soft tokens][edge 2's T_2][its own prompt's token
-       embeddings (role prompt + task prompt)] -> answers.
+  receiver (frozen; reads inputs_embeds): its chat prompt's token embeddings (role prompt, user turn, task
+       prompt) with [edge 1's T_1 soft tokens][edge 2's T_2] inserted where the user message's content starts
+       -> answers. (Not before the whole prompt: these models keep an attention sink on the chat's first token,
+       and soft vectors in its place derailed the Qwen receiver after one update, CE 0.99 -> 8.0.)
 
 Blocks: `transformer` (LMNet's edge): pre-norm self-attention over the sender's span (bidirectional: the
 message is complete before the receiver starts) and an MLP; `mlp` (the capacity variant a reviewer asked
 for): the same blocks without attention, so each soft token depends on its own sender state only.
 Aggregation: LMNet sums incoming edges position by position because all its vertices read the same prompt;
-the receiver here reads its own prompt, so each edge's message is a segment of soft tokens before it
+the receiver here reads its own prompt, so each edge's message is a segment of soft tokens inside it
 (segments in sender order, padding outside every row's sequence, positions from the attention mask).
 
 Parameters are matched to TFlow's trainable module (layer aggregator, generator, fusion; tflow.pipeline) for
@@ -28,7 +30,7 @@ the same config: with lmnet.width null the edge width is the one whose total (al
 and it must lie within lmnet.match_tolerance; both counts go into train_summary.json and trained.json.
 
 Training (tflow.methods.trainer, TFlow's data, batches, budget, schedule and optimiser): the receiver's
-next-token cross-entropy on the reference solution after the soft tokens and tflow.mix.receiver_prompt(p).
+next-token cross-entropy on the reference solution after tflow.mix.receiver_prompt(p) with the soft tokens.
 Accounting: each sender's whole prompt as its prefill; the soft tokens as receiver prompt tokens (the
 receiver processes them); phases sender_prefill, transform (the edges), receiver_prefill, decode.
 """
@@ -125,7 +127,7 @@ def matched_width(lm: Any, senders: int, d_in: int, d_out: int, target: int) -> 
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if total(mid * step) < target else (lo, mid)
-    width = min({lo * step, hi * step}, key=lambda w: abs(total(w) - target))
+    width = min((lo * step, hi * step), key=lambda w: abs(total(w) - target))
     gap = abs(total(width) - target) / target
     if gap > lm.match_tolerance:
         raise ConfigError(f"key 'lmnet.width': no {lm.edge} edge width matches TFlow's {target} parameters within "
@@ -179,20 +181,24 @@ class Graph:
 
     def inputs(self, soft: Sequence[torch.Tensor], prompts: Sequence[str], solutions: Sequence[str] | None = None,
                side: str = "right") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[int]]:
-        """The receiver's input: per row soft tokens then its prompt (and solution) embeddings, padded on `side`.
-        Returns inputs_embeds [B, N, d_r], attention mask [B, N], labels [B, N] (-100 outside the solution; None
-        without solutions) and each row's length (soft tokens included)."""
-        rec, dev = self.receiver, self.receiver.device
-        batch = receiver_batch(rec.tokenizer, self.cfg.agents.receiver, prompts, solutions,
-                               self.cfg.data.max_solution_tokens, padding_side="right")
+        """The receiver's input: per row its chat prompt (and solution) embeddings with the soft tokens inserted
+        where the user message's content starts, padded on `side`. Returns inputs_embeds [B, N, d_r], attention
+        mask [B, N], labels [B, N] (-100 outside the solution; None without solutions) and each row's length
+        (soft tokens included)."""
+        rec, dev, role = self.receiver, self.receiver.device, self.cfg.agents.receiver
+        batch = receiver_batch(rec.tokenizer, role, prompts, solutions, self.cfg.data.max_solution_tokens,
+                               padding_side="right")
+        starts = [question_span(rec.tokenizer, role, p, 1 << 30).start for p in prompts]  # the user content's first token
         embed = rec.model.get_input_embeddings()
         dtype = embed.weight.dtype
         seqs, labels = [], []
-        for b, s in enumerate(soft):
+        for b, (s, k) in enumerate(zip(soft, starts)):
             n = int(batch["attention_mask"][b].sum())
-            seqs.append(torch.cat([s.to(dtype), embed(batch["input_ids"][b, :n].to(dev))]))  # [n_s + n, d_r]
+            e = embed(batch["input_ids"][b, :n].to(dev))  # [n, d_r]
+            seqs.append(torch.cat([e[:k], s.to(dtype), e[k:]]))  # [n + n_s, d_r]
             if solutions is not None:
-                labels.append(torch.cat([torch.full((s.shape[0],), -100), batch["labels"][b, :n]]).to(dev))
+                lab = batch["labels"][b, :n]
+                labels.append(torch.cat([lab[:k], torch.full((s.shape[0],), -100), lab[k:]]).to(dev))
         embeds, mask = pad(seqs, side)
         lab = pad(labels, side, -100)[0] if solutions is not None else None
         return embeds, mask, lab, [len(x) for x in seqs]
