@@ -74,12 +74,14 @@ def exp():
 def test_default_dag_jobs_cells_and_arguments(exp):
     cfg = exp.config
     assert exp.cells == sorted([MAIN_CELL, "lora.alpha~16.0_lora.rank~8", "lora.alpha~4.0", "fusion.name~max",
-                                "fusion.name~attention"])
+                                "fusion.name~attention",
+                                "generator.mlp_ratio~4_generator.sender_embedding~false_generator.variant~release"])
     jobs = exp.eval_jobs()
     assert {(j.method, j.cell) for j in jobs if j.family == "main"} == {
         ("single", NO_CELL), ("textmas-long", NO_CELL), ("textmas-short48", NO_CELL), ("tflow", MAIN_CELL)}
-    assert len({(j.task, j.method, j.cell) for j in jobs}) == 34  # what the dry-run test counts from the config
-    assert exp.trained_methods() == ["static_lora"]
+    assert len({(j.kind, j.task, j.method, j.cell) for j in jobs}) == 57  # what the dry-run test counts from the config
+    assert {j.kind for j in jobs if j.family.startswith("heldout")} == {"heldout"}
+    assert exp.trained_methods() == ["lmnet", "lmnet-mlp", "static_lora"]
     long = exp.eval_overrides("gsm8k", "textmas-long", NO_CELL)
     assert "eval.message_tokens=64" in long and not any(a.startswith("lora.") for a in long)  # cell-free: no cell
     rank8 = exp.eval_overrides("gsm8k", "tflow", "lora.alpha~16.0_lora.rank~8")
@@ -89,6 +91,13 @@ def test_default_dag_jobs_cells_and_arguments(exp):
     assert exp.checkpoint("static_lora", NO_CELL, 1) == "results/cpu/trained/static_lora/seed~1"
     assert exp.eval_inputs("gsm8k", "static_lora", NO_CELL, [0])["checkpoint"] == [
         "results/cpu/trained/static_lora/seed~0/trained.json"]
+    # a trained method's preset trains its own module, with the preset's overrides, and evaluates with it
+    assert exp.trainer("lmnet-mlp") == "tflow.methods.lmnet"
+    train_mlp = exp.method_train_overrides("lmnet-mlp", 1, "results/cpu/trained/lmnet-mlp/seed~1")
+    assert "lmnet.edge=mlp" in train_mlp and "train.seed=1" in train_mlp and "lora.rank=4" in train_mlp
+    assert not any(a.startswith("lmnet.") for a in exp.method_train_overrides("lmnet", 1, "x"))
+    assert exp.checkpoint("lmnet-mlp", NO_CELL, 1) == "results/cpu/trained/lmnet-mlp/seed~1"
+    assert "lmnet.edge=mlp" in exp.eval_overrides("gsm8k", "lmnet-mlp", NO_CELL)
     args = exp.eval_args("gsm8k", "tflow", MAIN_CELL, cfg["seeds"])
     assert args.count("--each") == len(cfg["seeds"]) and "results/cpu/generators/main/seed~2/generator.pt" in args
     rows = exp.records_manifest()

@@ -59,7 +59,7 @@ def _expected(cfg: dict, specs: dict) -> dict[str, int]:
             diff = tuple(sorted((k, v) for k, v in row.items() if not _same(v, main(k))))
             evals |= {(t, "tflow", diff or "main") for t in a["tasks"]}
     cells = {c for _, m, c in evals if c is not None}
-    trained = {m.partition("-")[0] for _, m, _ in evals if needs(m) == "trained"}
+    trained = {m for _, m, _ in evals if needs(m) == "trained"}  # a preset (lmnet-mlp) trains its own module
     return {"prepare_data": tasks, "cache_conditions": 1, "train_generator": len(cells) * seeds,
             "train_method": len(trained) * seeds,
             "evaluate": len(evals) * (1 if cfg.get("eval_seeds_per_job") else seeds),

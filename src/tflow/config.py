@@ -85,6 +85,18 @@ class FusionConfig:
 
 
 @dataclass
+class LMNetConfig:
+    """The `lmnet` comparator (tflow.methods.lmnet): one trainable seq2seq edge per sender -> receiver."""
+
+    edge: str = "transformer"  # transformer (self-attention + MLP blocks, LMNet's edge) | mlp (per token, no attention)
+    depth: int = 1  # blocks per edge
+    heads: int = 4  # transformer edge: attention heads (the width is a multiple of it)
+    mlp_ratio: int = 2
+    width: Optional[int] = None  # None: chosen so the edges' parameters match TFlow's generator's
+    match_tolerance: float = 0.1  # relative gap allowed between the two parameter counts when matching
+
+
+@dataclass
 class SourceWeight:
     source: str  # tflow.data.SOURCES
     weight: float = 1.0
@@ -162,6 +174,7 @@ class RunConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    lmnet: LMNetConfig = field(default_factory=LMNetConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -235,6 +248,12 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.generator.variant in ("repro", "release"), "generator.variant", "must be repro or release")
     need(cfg.generator.variant == "repro" or not cfg.generator.sender_embedding, "generator.sender_embedding",
          "the released generator has no per-sender embedding: set it false with generator.variant=release")
+    lm = cfg.lmnet
+    need(lm.edge in ("transformer", "mlp"), "lmnet.edge", f"unknown edge {lm.edge!r}; choose transformer or mlp")
+    need(lm.depth >= 1 and lm.heads >= 1 and lm.mlp_ratio >= 1, "lmnet", "depth, heads and mlp_ratio must be >= 1")
+    need(lm.width is None or (lm.width >= 1 and (lm.edge == "mlp" or lm.width % lm.heads == 0)), "lmnet.width",
+         "must be null (matched) or a positive multiple of lmnet.heads")
+    need(0 < lm.match_tolerance < 1, "lmnet.match_tolerance", "must be in (0, 1)")
     for b, key in [(cfg.model.receiver, "model.receiver"), (cfg.model.sender, "model.sender")]:
         if b is None:
             continue

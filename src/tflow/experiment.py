@@ -5,7 +5,8 @@ the tests read the same definitions.
 
 - Methods. A DAG method name is a registered method (`tflow.methods.METHODS`) or `<method>-<preset>`
   (e.g. `textmas-short48`: method textmas with the preset's eval overrides). A method's spec says what
-  it needs (nothing, a generator, or its own trained module) and whether it depends on the cell.
+  it needs (nothing, a generator, or its own trained module) and whether it depends on the cell. A trained
+  method's module belongs to its DAG name: a preset (e.g. `lmnet-mlp`) trains its own, with its overrides.
 - Cells. An ablation cell is a set of run-config values (e.g. lora.rank=8, lora.alpha=16.0) named by
   how it differs from the main cell: `main`, or `lora.alpha~16.0_lora.rank~8` (keys sorted, values in
   their run-config type). A method that does not depend on the cell runs in `none` (NO_CELL). Sweep
@@ -236,16 +237,16 @@ class Experiment:
         return jobs
 
     def trained_methods(self) -> list[str]:
-        """Methods of this run that train their own module (one training job per seed each)."""
-        return sorted({dag_method(j.method)[0] for j in self.eval_jobs() if dag_method(j.method)[1].needs == "trained"})
+        """DAG names of this run's methods that train their own module (one training job per seed each)."""
+        return sorted({j.method for j in self.eval_jobs() if dag_method(j.method)[1].needs == "trained"})
 
     def checkpoint(self, method: str, cell: str, seed: int | str) -> str | None:
         """What eval.checkpoint names for a method: its generator, its trained folder, or nothing."""
-        base, spec, _ = dag_method(method)
+        spec = dag_method(method)[1]
         if spec.needs == "generator":
             return self.generator_path(cell, seed)
         if spec.needs == "trained":
-            return self.trained_dir(base, seed)
+            return self.trained_dir(method, seed)
         return None
 
     def eval_inputs(self, task: str, method: str, cell: str, seeds: Sequence[int | str], kind: str = "eval"
@@ -253,11 +254,11 @@ class Experiment:
         """An evaluate job's inputs: run-config layers, the task's data manifest, and per seed the generator
         or trained module its method needs."""
         inputs: dict[str, Any] = {"layers": self.layers, "data": self.data_manifest(task)}
-        base, spec, _ = dag_method(method)
+        spec = dag_method(method)[1]
         if spec.needs == "generator":
             inputs["checkpoint"] = [self.generator_path(cell, s) for s in seeds]
         elif spec.needs == "trained":
-            inputs["checkpoint"] = [self.trained_marker(base, s) for s in seeds]
+            inputs["checkpoint"] = [self.trained_marker(method, s) for s in seeds]
         return inputs
 
     def eval_overrides(self, task: str, method: str, cell: str, kind: str = "eval") -> list[str]:
@@ -292,8 +293,13 @@ class Experiment:
         """A training job's overrides: the cell (the main cell for a method's own module), seed, folder."""
         return self.common + self.cell_overrides(cell) + [f"train.seed={seed}", f"train.out_dir={out_dir}"]
 
+    def method_train_overrides(self, method: str, seed: int | str, out_dir: str) -> list[str]:
+        """A trained method's training job: the main cell, its preset's overrides (e.g. lmnet.edge=mlp), seed, folder."""
+        preset = method.partition("-")[2]
+        return self.train_overrides(MAIN_CELL, seed, out_dir) + list(dag_method(method)[1].presets.get(preset, ()))
+
     def trainer(self, method: str) -> str:
-        spec = METHODS[method]
+        spec = dag_method(method)[1]
         if spec.needs != "trained" or not spec.trainer:
             raise ConfigError(f"method {method!r} trains no module of its own")
         return spec.trainer
@@ -391,6 +397,8 @@ class Experiment:
         """Load every distinct run config the DAG will use: a typo or wrong type fails here, naming the key
         (and, for a sweep cell, the table and row)."""
         load_config(self.layers, self.train_overrides(MAIN_CELL, 0, "unused"))
+        for m in self.trained_methods():
+            load_config(self.layers, self.method_train_overrides(m, 0, "unused"))
         for fam, cells in self.sweeps.items():
             for i, cell in enumerate(cells):
                 try:

@@ -10,7 +10,7 @@ import pandas as pd
 
 from tflow.artifacts import load_specs
 from tflow.config import config_hash as hash_of
-from tflow.experiment import KINDS, MAIN_CELL, NO_CELL, Experiment, quote
+from tflow.experiment import KINDS, NO_CELL, Experiment, quote
 
 for _spec in (config.get("ablations") or {}).values():  # every sweep table against its schema first
     validate(pd.read_csv(_spec["sweep"], sep="\t", dtype=str, keep_default_na=False), "../schemas/sweep.schema.yaml")
@@ -69,7 +69,7 @@ def train_generator_args(wildcards, output):
 
 
 def train_method_args(wildcards, output):
-    return quote(EXP.train_overrides(MAIN_CELL, wildcards.seed, os.path.dirname(output.marker)))
+    return quote(EXP.method_train_overrides(wildcards.method, wildcards.seed, os.path.dirname(output.marker)))
 
 
 def trainer(wildcards):

@@ -10,7 +10,8 @@ its YAML entries (a family in the DAG config, a label in config/paper.yaml).
   needs="none"       nothing trained (single, textmas, ac, kv)
   needs="generator"  a TFlow generator checkpoint of its cell (tflow and its controls)
   needs="trained"    its own trained module, written by `python -m <trainer>` into a folder whose
-                     `trained.json` marks it finished (static_lora; later comparators)
+                     `trained.json` marks it finished (static_lora, lmnet); a preset of such a method
+                     (lmnet-mlp) trains a module of its own with the preset's overrides
 """
 from __future__ import annotations
 
@@ -54,6 +55,9 @@ METHODS: Registry[MethodSpec] = Registry("method", "eval.method", {
     "ac": MethodSpec("tflow.methods.latent:ActivationCommunication", "latent",
                      "the senders' layer-k state combined into its layer-j state"),
     "kv": MethodSpec("tflow.methods.latent:KVCommunication", "latent", "the senders' KV cache before its prompt"),
+    "lmnet": MethodSpec("tflow.methods.lmnet:LMNet", "latent",
+                        "the senders' final states through trained seq2seq edges, as soft tokens in its prompt",
+                        needs="trained", trainer="tflow.methods.lmnet", presets={"mlp": ("lmnet.edge=mlp",)}),
 })
 
 # TextMAS message budgets (eval.textmas_preset): the paper's senders stop at the end of their turn

@@ -51,6 +51,9 @@ class Trainee(Protocol):
         """Write the trained module for evaluation into `folder` (it exists and is empty)."""
         ...
 
+    # Optional: `summary() -> dict`, extra facts for train_summary.json and trained.json (e.g. the parameter
+    # count a module was matched to).
+
 
 Build = Callable[[DictConfig, Backbone, Backbone], Trainee]
 
@@ -82,23 +85,26 @@ def train_module(cfg: DictConfig, method: str, build: Build, progress: bool = Tr
         run_cfg.train.lr = f * cfg.train.lr
         trainee = trainees[f] = _train_one(run_cfg, build, receiver, sender, data, folder, chash, progress,
                                            restart_on_change)
-        results[f] = {"lr": run_cfg.train.lr, "validation_ce": validation_loss(trainee, data.validation, cfg),
-                      "folder": str(folder)}
-        log.info("%s: lr %.3g -> validation CE %.4f", method, run_cfg.train.lr, results[f]["validation_ce"])
-    best = min(results, key=lambda f: results[f]["validation_ce"])
+        results[f] = {"lr": run_cfg.train.lr, "folder": str(folder),  # validation only chooses among a grid
+                      "validation_ce": validation_loss(trainee, data.validation, cfg) if lr_grid else None}
+        if lr_grid:
+            log.info("%s: lr %.3g -> validation CE %.4f", method, run_cfg.train.lr, results[f]["validation_ce"])
+    best = min(results, key=lambda f: results[f]["validation_ce"]) if lr_grid else factors[0]
     module = out / "module"
-    if module.exists():
-        shutil.rmtree(module)
-    shutil.copytree(runs[best] / "module", out / ".module.tmp", dirs_exist_ok=True)
-    (out / ".module.tmp").rename(module)  # a half-copied module never looks finished
+    if runs[best] != out:  # a grid point's module (without a grid, the one run trained into out/module)
+        if module.exists():
+            shutil.rmtree(module)
+        shutil.copytree(runs[best] / "module", out / ".module.tmp", dirs_exist_ok=True)
+        (out / ".module.tmp").rename(module)  # a half-copied module never looks finished
     n_params = sum(p.numel() for p in trainees[best].parameters())
+    extra = trainees[best].summary() if hasattr(trainees[best], "summary") else {}
     summary = {"method": method, "steps": cfg.train.steps, "batch_size": cfg.train.batch_size,
                "trainable_parameters": n_params, "training_problems": len(data.problems),
                "validation_problems": len(data.validation), "lr_grid": list(results.values()) if lr_grid else None,
                "chosen_lr": results[best]["lr"], "data_sources": data.sources, "decontamination_removed": data.removed,
-               "config": OmegaConf.to_container(cfg, resolve=True), "provenance": provenance(seed=cfg.train.seed)}
+               "config": OmegaConf.to_container(cfg, resolve=True), "provenance": provenance(seed=cfg.train.seed), **extra}
     write_json_atomic(out / "train_summary.json", summary)
-    write_trained(out, method, chash, receiver, trainable_parameters=n_params, chosen_lr=results[best]["lr"])
+    write_trained(out, method, chash, receiver, trainable_parameters=n_params, chosen_lr=results[best]["lr"], **extra)
     return out
 
 

@@ -64,6 +64,11 @@ class Task(Protocol):
         ...
 
 
+def code_block(code: str) -> str:
+    """A code training target: the solution in one python block, as the code tasks ask for it."""
+    return f"```python\n{code.replace(chr(13) + chr(10), chr(10)).strip()}\n```"
+
+
 def subset(problems: Sequence[EvalProblem], n: int | None, seed: int) -> list[EvalProblem]:
     """A deterministic subset of n problems (all when n is None or >= len), in the set's own order."""
     if n is None or n >= len(problems):

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from tflow.errors import ConfigError, DataError
-from tflow.tasks.base import EvalProblem, Score
+from tflow.tasks.base import EvalProblem, Score, code_block
 from tflow.tasks.judge import NOT_RUN, evaluate
 from tflow.tasks.sandbox import Sandbox
 
@@ -66,8 +66,6 @@ def make_problems(dataset: str, path: str, question: Callable[[dict], str]) -> l
 def code_reference(problem: EvalProblem, with_prompt: bool) -> str:
     """The canonical solution in one python block, as the code tasks ask the receiver to answer (HumanEval's
     canonical solution is the body of its prompt's function: the prompt comes first)."""
-    from tflow.data import code_block
-
     body = problem.meta["canonical"]
     return code_block((problem.meta["prompt"] + body) if with_prompt else body)
 
