@@ -34,19 +34,24 @@ def _job_counts(out: str) -> dict[str, int]:
 
 
 def _expected(cfg: dict, specs: dict) -> dict[str, int]:
-    """Jobs per rule, counted from the config: every (task, method, cell) a family or an ablation evaluates
-    (methods needing a generator run at the main cell, others in no cell; an ablation's cells are its TSV rows,
-    duplicates of the main cell included once), times the seeds unless eval_seeds_per_job."""
+    """Jobs per rule, counted from the config: every (kind, task, method, cell) a family or an ablation evaluates
+    (methods needing a generator run at the main cell, others in no cell; a family's kind is eval or heldout; an
+    ablation's cells are its TSV rows, duplicates of the main cell included once). A method has every seed unless
+    decoding is greedy and it trains nothing (then one); with eval_seeds_per_job a multi-seed method's seeds share
+    one evaluate_seeds job, everything else is one evaluate job per seed."""
     import pandas as pd
 
     from tflow.methods import METHODS
 
     seeds, tasks = len(cfg["seeds"]), len(cfg["tasks"])
     needs = lambda m: METHODS[m.partition("-")[0]].needs  # noqa: E731
-    evals = set()  # (task, method, cell-or-None); None = no cell, "main" = the main cell
+    sampled = bool(cfg.get("eval", {}).get("do_sample", False))
+    n_seeds = lambda m: seeds if sampled or needs(m) != "none" else 1  # noqa: E731
+    evals = set()  # (kind, task, method, cell-or-None); None = no cell, "main" = the main cell
     for fam in cfg["families"].values():
         for m in fam["methods"]:
-            evals |= {(t, m, "main" if needs(m) == "generator" else None) for t in fam.get("tasks", cfg["tasks"])}
+            evals |= {(fam.get("kind", "eval"), t, m, "main" if needs(m) == "generator" else None)
+                      for t in fam.get("tasks", cfg["tasks"])}
     from omegaconf import OmegaConf
 
     from tflow.config import load_config
@@ -57,15 +62,21 @@ def _expected(cfg: dict, specs: dict) -> dict[str, int]:
         df = pd.read_csv(ROOT / a["sweep"], sep="\t", dtype=str)
         for row in df.to_dict("records"):
             diff = tuple(sorted((k, v) for k, v in row.items() if not _same(v, main(k))))
-            evals |= {(t, "tflow", diff or "main") for t in a["tasks"]}
-    cells = {c for _, m, c in evals if c is not None}
-    trained = {m for _, m, _ in evals if needs(m) == "trained"}  # a preset (lmnet-mlp) trains its own module
+            evals |= {("eval", t, "tflow", diff or "main") for t in a["tasks"]}
+    cells = {c for *_, c in evals if c is not None}
+    trained = {m for _, _, m, _ in evals if needs(m) == "trained"}  # a preset (lmnet-mlp) trains its own module
+    per_job = cfg.get("eval_seeds_per_job", False)  # the schema default
+    multi = [e for e in evals if per_job and n_seeds(e[2]) > 1]
+    timing = cfg.get("timing") or {}
+    n_timing = len(timing.get("methods") or cfg["families"]["main"]["methods"]) if timing else 0
     return {"prepare_data": tasks, "cache_conditions": 1, "train_generator": len(cells) * seeds,
             "train_method": len(trained) * seeds,
-            "evaluate": len(evals) * (1 if cfg.get("eval_seeds_per_job") else seeds),
-            "collect": 1, "stats": 1,
-            "make_table": len({t["name"] for t in specs["tables"]} | set(cfg.get("ablations", {}))),
-            "make_figure": len({f["name"] for f in specs["figures"]} | set(cfg.get("ablations", {}))),
+            "evaluate": sum(n_seeds(e[2]) for e in evals if e not in multi), "evaluate_seeds": len(multi),
+            "timing": n_timing, "facts": 1, "collect": 1, "stats": 1,
+            "make_table": len({t["name"] for t in specs["tables"] if not t["family"].startswith("ablation_")}
+                              | set(cfg.get("ablations", {}))),  # an ablation table/figure only for the run's sweeps
+            "make_figure": len({f["name"] for f in specs["figures"] if f["kind"] != "ablation"}
+                               | set(cfg.get("ablations", {}))),
             "make_macros": 1, "paper_pdf": int(shutil.which("latexmk") is not None), "all": 1}
 
 
@@ -73,7 +84,7 @@ def _same(a: str, b: str) -> bool:
     try:
         return float(a) == float(b)
     except ValueError:
-        return a == b
+        return a.lower() == b.lower()  # YAML booleans: "true" in a TSV, "True" from OmegaConf
 
 
 def test_lint_is_clean():
@@ -147,7 +158,7 @@ def test_a_new_ablation_axis_is_one_tsv_and_one_config_entry(tmp_path):
     after = _job_counts(out)
     assert after == {**{k: v for k, v in _expected(cfg, specs).items() if v}, "total": after["total"]}, out
     assert after["train_generator"] == before["train_generator"] + len(cfg["seeds"])  # one new cell
-    assert after["evaluate"] == before["evaluate"] + 1  # its gsm8k job; depth 2 is the main cell, already run
+    assert after["evaluate_seeds"] == before["evaluate_seeds"] + 1  # its gsm8k job (all seeds); depth 2 is main
     assert after["make_table"] == before["make_table"] + 1 and after["make_figure"] == before["make_figure"] + 1
     res = _snakemake("results/cpu/generators/generator.depth~1/seed~0/generator.pt", "-n", "--forceall", "-p",
                      "--directory", str(ROOT), "--configfile", str(tmp_path / "config.yaml"))
@@ -235,12 +246,19 @@ def test_tiny_end_to_end_run_writes_every_artifact_then_does_nothing(tiny_projec
     res = _run_dag(work)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
     specs = yaml.safe_load((ROOT / "config" / "paper.yaml").read_text())
+    swept = {"ablation_rank", "ablation_scale", "ablation_fusion"}  # the tiny run's sweeps (no generator sweep)
     for t in specs["tables"]:
-        tex = (work / "paper" / "tables" / f"{t['name']}.tex").read_text()
+        path = work / "paper" / "tables" / f"{t['name']}.tex"
+        if t["family"].startswith("ablation_") and t["family"] not in swept:
+            assert not path.exists(), t["name"]  # an ablation the run does not sweep gets no empty table
+            continue
+        tex = path.read_text()
         assert "\\toprule" in tex and "config hash" in tex.lower()
     for f in specs["figures"]:
         for ext in ("pdf", "png"):
-            assert (work / "paper" / "figures" / f"{f['name']}.{ext}").stat().st_size > 1000
+            path = work / "paper" / "figures" / f"{f['name']}.{ext}"
+            wanted = not f["family"].startswith("ablation_") or f["family"] in swept
+            assert (path.stat().st_size > 1000) if wanted else not path.exists(), f["name"]
     assert "\\newcommand" in (work / "paper" / "generated" / "macros.tex").read_text()
     if shutil.which("latexmk"):  # the DAG builds the PDF where LaTeX is installed; a LaTeX error fails the run
         assert (work / "paper" / "main.pdf").stat().st_size > 10_000
@@ -268,7 +286,7 @@ def test_editing_one_sweep_row_reruns_only_that_cell(tiny_project):
     counts = _job_counts(res.stdout + res.stderr)
     assert res.returncode == 0
     assert counts["train_generator"] == 2, counts  # the new cell, both seeds
-    assert counts["evaluate"] == 1, counts  # both seeds in one job (config.yaml: eval_seeds_per_job)
+    assert counts["evaluate_seeds"] == 1, counts  # both seeds in one job (config.yaml: eval_seeds_per_job)
     assert "cache_conditions" not in counts and "train_method" not in counts
     assert counts["collect"] == counts["stats"] == 1  # and the aggregates
 

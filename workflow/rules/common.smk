@@ -94,11 +94,16 @@ def paper_specs():
 
 
 def table_names():
-    return [t["name"] for t in paper_specs()["tables"]]
+    """Every table spec, except an ablation table whose sweep family this run does not have (it would be empty;
+    the ablation section lists only the run's families)."""
+    return [t["name"] for t in paper_specs()["tables"]
+            if t.get("row_by") != "cell" or t["family"] in EXP.sweeps]
 
 
 def figure_names():
-    return [f["name"] for f in paper_specs()["figures"]]
+    """Every figure spec, except an ablation figure whose sweep family this run does not have (no data to draw)."""
+    return [f["name"] for f in paper_specs()["figures"]
+            if f["kind"] != "ablation" or f["family"] in EXP.sweeps]
 
 
 def run_tasks():
