@@ -87,10 +87,11 @@ def train_module(cfg: DictConfig, method: str, build: Build, progress: bool = Tr
         log.info("%s: lr %.3g -> validation CE %.4f", method, run_cfg.train.lr, results[f]["validation_ce"])
     best = min(results, key=lambda f: results[f]["validation_ce"])
     module = out / "module"
-    if module.exists():
-        shutil.rmtree(module)
-    shutil.copytree(runs[best] / "module", out / ".module.tmp", dirs_exist_ok=True)
-    (out / ".module.tmp").rename(module)  # a half-copied module never looks finished
+    if runs[best] != out:  # without a grid the one run trained into out/module itself
+        if module.exists():
+            shutil.rmtree(module)
+        shutil.copytree(runs[best] / "module", out / ".module.tmp", dirs_exist_ok=True)
+        (out / ".module.tmp").rename(module)  # a half-copied module never looks finished
     n_params = sum(p.numel() for p in trainees[best].parameters())
     summary = {"method": method, "steps": cfg.train.steps, "batch_size": cfg.train.batch_size,
                "trainable_parameters": n_params, "training_problems": len(data.problems),
