@@ -146,6 +146,13 @@ class EvalConfig:
 
 
 @dataclass
+class KVConfig:
+    """The KV-cache comparators (tflow.methods.latent)."""
+
+    message_tokens: int = 48  # kv: tokens each sender writes before its KV is sent (TextMAS short48's budget)
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     agents: AgentsConfig = field(default_factory=AgentsConfig)
@@ -155,6 +162,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    kv: KVConfig = field(default_factory=KVConfig)
     backend: str = "auto"  # LoRA-apply backend: auto (triton on CUDA, cpu_fused on CPU) | torch | cpu_fused | triton
     note: str = ""  # free text recorded with the run
 
@@ -229,6 +237,7 @@ def validate(cfg: DictConfig) -> None:
     need(ev.n is None or ev.n >= 1, "eval.n", "must be >= 1 (or null for the whole set)")
     need(ev.max_new_tokens >= 1 and ev.batch_size >= 1, "eval", "max_new_tokens and batch_size must be >= 1")
     need(ev.ac_op in ("replace", "sum", "mean"), "eval.ac_op", f"unknown op {ev.ac_op!r}; choose replace, sum or mean")
+    need(cfg.kv.message_tokens >= 1, "kv.message_tokens", "must be >= 1")
     need(ev.textmas_preset in TEXTMAS_PRESETS, "eval.textmas_preset",
          f"unknown preset {ev.textmas_preset!r}; choose from {sorted(TEXTMAS_PRESETS)}")
 

@@ -7,7 +7,7 @@ on the ablation cell; the workflow derives from it which training rule feeds whi
 which methods are cell-free (`tflow.experiment`). Adding a method is its module, one entry here and
 its YAML entries (a family in the DAG config, a label in config/paper.yaml).
 
-  needs="none"       nothing trained (single, textmas, ac, kv)
+  needs="none"       nothing trained (single, textmas, ac, kv, kv_prompt)
   needs="generator"  a TFlow generator checkpoint of its cell (tflow and its controls)
   needs="trained"    its own trained module, written by `python -m <trainer>` into a folder whose
                      `trained.json` marks it finished (static_lora; later comparators)
@@ -52,7 +52,10 @@ METHODS: Registry[MethodSpec] = Registry("method", "eval.method", {
                               trainer="tflow.methods.static_lora"),
     "ac": MethodSpec("tflow.methods.latent:ActivationCommunication", "latent",
                      "the senders' layer-k state combined into its layer-j state"),
-    "kv": MethodSpec("tflow.methods.latent:KVCommunication", "latent", "the senders' KV cache before its prompt"),
+    "kv": MethodSpec("tflow.methods.latent:KVCommunication", "latent",
+                     "the senders' KV cache of their prompts and messages before its prompt"),
+    "kv_prompt": MethodSpec("tflow.methods.latent:KVPromptCommunication", "latent",
+                            "the senders' prompt-only KV cache (with one backbone: a longer prompt)"),
 })
 
 # TextMAS message budgets (eval.textmas_preset): the paper's senders stop at the end of their turn
