@@ -10,7 +10,7 @@ its YAML entries (a family in the DAG config, a label in config/paper.yaml).
   needs="none"       nothing trained (single, textmas, ac, kv, kv_prompt)
   needs="generator"  a TFlow generator checkpoint of its cell (tflow and its controls)
   needs="trained"    its own trained module, written by `python -m <trainer>` into a folder whose
-                     `trained.json` marks it finished (static_lora; later comparators)
+                     `trained.json` marks it finished (static_lora, kv_hetero)
 """
 from __future__ import annotations
 
@@ -56,6 +56,10 @@ METHODS: Registry[MethodSpec] = Registry("method", "eval.method", {
                      "the senders' KV cache of their prompts and messages before its prompt"),
     "kv_prompt": MethodSpec("tflow.methods.latent:KVPromptCommunication", "latent",
                             "the senders' prompt-only KV cache (with one backbone: a longer prompt)"),
+    "kv_hetero": MethodSpec("tflow.methods.kv_hetero:KVHetero", "latent",
+                            "a sender model's KV cache mapped to its layers by a learned transformation",
+                            needs="trained", trainer="tflow.methods.kv_hetero",
+                            presets={"aware": ("eval.kv_context=aware",), "unaware": ("eval.kv_context=unaware",)}),
 })
 
 # TextMAS message budgets (eval.textmas_preset): the paper's senders stop at the end of their turn

@@ -11,7 +11,8 @@
   kv_prompt  Prompt-only KV: the senders' prefills (role prompt + sender view, one continuous context) leave
              a cache the receiver's prompt follows. With one shared backbone this equals a longer prompt, so
              nothing a sender computed reaches the receiver: a control, named so.
-All count every sender prompt (and message) token as processed, as TFlow's sender prefills are.
+All count every sender prompt (and message) token as processed, as TFlow's sender prefills are. The
+heterogeneous, learned variant is `tflow.methods.kv_hetero`.
 """
 from __future__ import annotations
 
