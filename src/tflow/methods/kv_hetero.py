@@ -125,9 +125,8 @@ def sender_blocks(tok: Any, roles: Sequence[str], views: Sequence[str]) -> Block
 
 def prefill_kv(bb: Backbone, blocks: Blocks) -> tuple[torch.Tensor, torch.Tensor]:
     """The backbone's K/V of every block, each prefilled alone from position 0, concatenated: [L, B, H, P, d]."""
-    parts = []
+    parts, dev = [], bb.device
     for ids, mask in blocks:
-        dev = bb.device
         cache = bb.model.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions(mask).to(dev),
                                use_cache=True).past_key_values
         parts.append(cache_tensors(cache))
@@ -191,9 +190,12 @@ class KVHeteroTrainee:
         views = [p.sender_view if isinstance(p, EvalProblem) else sender_view(p) for p in problems]
         return [answer_format(q, [v, p.question]) for q, v, p in zip(prompts, views, problems)]
 
-    def scored(self, problems: Sequence[Problem], context: str) -> tuple[Any, torch.Tensor]:
-        """The receiver's teacher-forced forward on the solutions after the transferred cache: (output, labels)."""
-        blocks = sender_blocks(self.sender.tokenizer, self.cfg.agents.senders, [sender_view(p) for p in problems])
+    def scored(self, problems: Sequence[Problem], context: str, views: Sequence[str] | None = None
+               ) -> tuple[Any, torch.Tensor]:
+        """The receiver's teacher-forced forward on the solutions after the transferred cache: (output, labels).
+        views: what the senders read (default each problem's own view; a control passes other problems')."""
+        views = [sender_view(p) for p in problems] if views is None else views
+        blocks = sender_blocks(self.sender.tokenizer, self.cfg.agents.senders, views)
         with torch.no_grad():
             keys, values = prefill_kv(self.sender, blocks)
         keys, values = self.transfer(blocks, keys, values)
