@@ -64,6 +64,9 @@ def test_dag_method_names_and_their_reverse_mapping():
         dag_method("tfloww")
     assert dag_name("textmas", {"eval": {"textmas_preset": "short48"}}) == "textmas-short48"
     assert dag_name("tflow", {"eval": {}}) == "tflow"
+    base, spec, overrides = dag_method("kv_hetero-unaware")  # one trained module per seed serves both settings
+    assert base == "kv_hetero" and spec.needs == "trained" and overrides[-1] == "eval.kv_context=unaware"
+    assert dag_name("kv_hetero", {"eval": {"kv_context": "aware"}}) == "kv_hetero-aware"
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +82,14 @@ def test_default_dag_jobs_cells_and_arguments(exp):
     jobs = exp.eval_jobs()
     assert {(j.method, j.cell) for j in jobs if j.family == "main"} == {
         ("single", NO_CELL), ("textmas-long", NO_CELL), ("textmas-short48", NO_CELL), ("tflow", MAIN_CELL)}
-    assert len({(j.kind, j.task, j.method, j.cell) for j in jobs}) == 57  # what the dry-run test counts from the config
+    assert len({(j.kind, j.task, j.method, j.cell) for j in jobs}) == 63  # what the dry-run test counts from the config
     assert {j.kind for j in jobs if j.family.startswith("heldout")} == {"heldout"}
-    assert exp.trained_methods() == ["lmnet", "lmnet-mlp", "static_lora"]
+    assert exp.trained_methods() == ["kv_hetero", "lmnet", "lmnet-mlp", "static_lora"]  # kv_hetero's presets share one
+    assert {j.method for j in jobs if j.family == "comparators"} == {
+        "single", "ac", "kv", "kv_prompt", "kv_hetero-aware", "kv_hetero-unaware", "lmnet", "lmnet-mlp", "tflow"}
+    assert exp.checkpoint("kv_hetero-unaware", NO_CELL, 2) == "results/cpu/trained/kv_hetero/seed~2"
+    assert exp.checkpoint("lmnet-mlp", NO_CELL, 2) == "results/cpu/trained/lmnet-mlp/seed~2"
+    assert "eval.kv_context=unaware" in exp.eval_overrides("gsm8k", "kv_hetero-unaware", NO_CELL)
     long = exp.eval_overrides("gsm8k", "textmas-long", NO_CELL)
     assert "eval.message_tokens=64" in long and not any(a.startswith("lora.") for a in long)  # cell-free: no cell
     rank8 = exp.eval_overrides("gsm8k", "tflow", "lora.alpha~16.0_lora.rank~8")

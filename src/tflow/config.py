@@ -164,7 +164,23 @@ class EvalConfig:
     ac_sender_layer: Optional[int] = None  # activation communication: sender layer k (None: round(0.93 L))
     ac_receiver_layer: Optional[int] = None  # receiver layer j (None: round(0.93 L)); negative counts from the end
     ac_op: str = "replace"  # replace | sum | mean
+    kv_context: str = "aware"  # kv_hetero: aware (the receiver also reads the question) | unaware (only the
+    # transferred cache and the answer format)
     out_dir: str = "results/eval/default"
+
+
+@dataclass
+class KVConfig:
+    """The KV-cache comparators: `kv` (homogeneous, after the senders' messages) and `kv_hetero` (a learned
+    cache transformation from a sender model to the receiver, tflow.methods.kv_hetero)."""
+
+    message_tokens: int = 48  # kv: tokens each sender writes before its KV is sent (TextMAS short48's budget)
+    reconstruction_fraction: float = 0.5  # kv_hetero: the first part of train.steps reconstructs the receiver's
+    # own K/V (phase 1); the rest trains on the receiver's next-token loss (phase 2)
+    train_context: str = "aware"  # kv_hetero phase 2 layout: aware | unaware | alternate (aware on even steps)
+    # kv_hetero's sender model; None: the run's sender (model.sender, else the receiver). Lets a DAG pair
+    # kv_hetero with another model while every other method keeps the run's senders.
+    sender: Optional[BackboneConfig] = None
 
 
 @dataclass
@@ -178,6 +194,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    kv: KVConfig = field(default_factory=KVConfig)
     backend: str = "auto"  # LoRA-apply backend: auto (triton on CUDA, cpu_fused on CPU) | torch | cpu_fused | triton
     note: str = ""  # free text recorded with the run
 
@@ -254,7 +271,7 @@ def validate(cfg: DictConfig) -> None:
     need(lm.width is None or (lm.width >= 1 and (lm.edge == "mlp" or lm.width % lm.heads == 0)), "lmnet.width",
          "must be null (matched) or a positive multiple of lmnet.heads")
     need(0 < lm.match_tolerance < 1, "lmnet.match_tolerance", "must be in (0, 1)")
-    for b, key in [(cfg.model.receiver, "model.receiver"), (cfg.model.sender, "model.sender")]:
+    for b, key in [(cfg.model.receiver, "model.receiver"), (cfg.model.sender, "model.sender"), (cfg.kv.sender, "kv.sender")]:
         if b is None:
             continue
         need(b.source in ("asset", "hub", "path"), f"{key}.source", "must be asset, hub or path")
@@ -266,6 +283,11 @@ def validate(cfg: DictConfig) -> None:
     need(ev.n is None or ev.n >= 1, "eval.n", "must be >= 1 (or null for the whole set)")
     need(ev.max_new_tokens >= 1 and ev.batch_size >= 1, "eval", "max_new_tokens and batch_size must be >= 1")
     need(ev.ac_op in ("replace", "sum", "mean"), "eval.ac_op", f"unknown op {ev.ac_op!r}; choose replace, sum or mean")
+    need(ev.kv_context in ("aware", "unaware"), "eval.kv_context", f"unknown setting {ev.kv_context!r}; choose aware or unaware")
+    need(cfg.kv.message_tokens >= 1, "kv.message_tokens", "must be >= 1")
+    need(0.0 <= cfg.kv.reconstruction_fraction <= 1.0, "kv.reconstruction_fraction", "must be in [0, 1]")
+    need(cfg.kv.train_context in ("aware", "unaware", "alternate"), "kv.train_context",
+         f"unknown layout {cfg.kv.train_context!r}; choose aware, unaware or alternate")
     need(ev.textmas_preset in TEXTMAS_PRESETS, "eval.textmas_preset",
          f"unknown preset {ev.textmas_preset!r}; choose from {sorted(TEXTMAS_PRESETS)}")
 

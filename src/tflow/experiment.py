@@ -6,7 +6,8 @@ the tests read the same definitions.
 - Methods. A DAG method name is a registered method (`tflow.methods.METHODS`) or `<method>-<preset>`
   (e.g. `textmas-short48`: method textmas with the preset's eval overrides). A method's spec says what
   it needs (nothing, a generator, or its own trained module) and whether it depends on the cell. A trained
-  method's module belongs to its DAG name: a preset (e.g. `lmnet-mlp`) trains its own, with its overrides.
+  method's module belongs to its DAG name when its preset changes training (`lmnet-mlp` trains its own, with
+  its overrides); a preset of evaluation settings only (`kv_hetero-aware`) evaluates the method's module.
 - Cells. An ablation cell is a set of run-config values (e.g. lora.rank=8, lora.alpha=16.0) named by
   how it differs from the main cell: `main`, or `lora.alpha~16.0_lora.rank~8` (keys sorted, values in
   their run-config type). A method that does not depend on the cell runs in `none` (NO_CELL). Sweep
@@ -43,6 +44,15 @@ def dag_method(name: str) -> tuple[str, MethodSpec, list[str]]:
     if preset and preset not in spec.presets:
         raise ConfigError(f"method {name!r}: {base} has no preset {preset!r}; presets: {list(spec.presets)}")
     return base, spec, [f"eval.method={base}", *spec.presets.get(preset, ())]
+
+
+def trained_name(name: str) -> str:
+    """Whose trained module a DAG method evaluates: a preset that changes training (e.g. `lmnet-mlp`:
+    lmnet.edge=mlp) trains its own; a preset of evaluation settings only (e.g. `kv_hetero-aware`:
+    eval.kv_context) evaluates its method's one module."""
+    base, _, preset = name.partition("-")
+    overrides = dag_method(name)[1].presets.get(preset, ())
+    return name if any(not o.startswith("eval.") for o in overrides) else base
 
 
 def dag_name(method: str, cfg: Mapping[str, Any] | DictConfig) -> str:
@@ -238,7 +248,7 @@ class Experiment:
 
     def trained_methods(self) -> list[str]:
         """DAG names of this run's methods that train their own module (one training job per seed each)."""
-        return sorted({j.method for j in self.eval_jobs() if dag_method(j.method)[1].needs == "trained"})
+        return sorted({trained_name(j.method) for j in self.eval_jobs() if dag_method(j.method)[1].needs == "trained"})
 
     def checkpoint(self, method: str, cell: str, seed: int | str) -> str | None:
         """What eval.checkpoint names for a method: its generator, its trained folder, or nothing."""
@@ -246,7 +256,7 @@ class Experiment:
         if spec.needs == "generator":
             return self.generator_path(cell, seed)
         if spec.needs == "trained":
-            return self.trained_dir(method, seed)
+            return self.trained_dir(trained_name(method), seed)
         return None
 
     def eval_inputs(self, task: str, method: str, cell: str, seeds: Sequence[int | str], kind: str = "eval"
@@ -258,7 +268,7 @@ class Experiment:
         if spec.needs == "generator":
             inputs["checkpoint"] = [self.generator_path(cell, s) for s in seeds]
         elif spec.needs == "trained":
-            inputs["checkpoint"] = [self.trained_marker(method, s) for s in seeds]
+            inputs["checkpoint"] = [self.trained_marker(trained_name(method), s) for s in seeds]
         return inputs
 
     def eval_overrides(self, task: str, method: str, cell: str, kind: str = "eval") -> list[str]:

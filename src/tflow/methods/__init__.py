@@ -7,11 +7,12 @@ on the ablation cell; the workflow derives from it which training rule feeds whi
 which methods are cell-free (`tflow.experiment`). Adding a method is its module, one entry here and
 its YAML entries (a family in the DAG config, a label in config/paper.yaml).
 
-  needs="none"       nothing trained (single, textmas, ac, kv)
+  needs="none"       nothing trained (single, textmas, ac, kv, kv_prompt)
   needs="generator"  a TFlow generator checkpoint of its cell (tflow and its controls)
   needs="trained"    its own trained module, written by `python -m <trainer>` into a folder whose
-                     `trained.json` marks it finished (static_lora, lmnet); a preset of such a method
-                     (lmnet-mlp) trains a module of its own with the preset's overrides
+                     `trained.json` marks it finished (static_lora, lmnet, kv_hetero); a preset that changes
+                     training (lmnet-mlp) trains a module of its own with the preset's overrides, a preset of
+                     evaluation settings (kv_hetero-aware/-unaware) evaluates the method's one module
 """
 from __future__ import annotations
 
@@ -54,7 +55,14 @@ METHODS: Registry[MethodSpec] = Registry("method", "eval.method", {
                               trainer="tflow.methods.static_lora"),
     "ac": MethodSpec("tflow.methods.latent:ActivationCommunication", "latent",
                      "the senders' layer-k state combined into its layer-j state"),
-    "kv": MethodSpec("tflow.methods.latent:KVCommunication", "latent", "the senders' KV cache before its prompt"),
+    "kv": MethodSpec("tflow.methods.latent:KVCommunication", "latent",
+                     "the senders' KV cache of their prompts and messages before its prompt"),
+    "kv_prompt": MethodSpec("tflow.methods.latent:KVPromptCommunication", "latent",
+                            "the senders' prompt-only KV cache (with one backbone: a longer prompt)"),
+    "kv_hetero": MethodSpec("tflow.methods.kv_hetero:KVHetero", "latent",
+                            "a sender model's KV cache mapped to its layers by a learned transformation",
+                            needs="trained", trainer="tflow.methods.kv_hetero",
+                            presets={"aware": ("eval.kv_context=aware",), "unaware": ("eval.kv_context=unaware",)}),
     "lmnet": MethodSpec("tflow.methods.lmnet:LMNet", "latent",
                         "the senders' final states through trained seq2seq edges, as soft tokens in its prompt",
                         needs="trained", trainer="tflow.methods.lmnet", presets={"mlp": ("lmnet.edge=mlp",)}),

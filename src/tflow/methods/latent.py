@@ -1,15 +1,18 @@
 """Training-free latent comparators: activation communication and KV-cache communication.
 
-  ac  Activation communication (arXiv 2501.14082): each sender reads the question under its role
-      prompt; its last-token hidden state after layer k is taken (the senders' states averaged).
-      The receiver's prefill is paused after its layer j at the prompt's last token, its state h is
-      combined with the senders' state a by `replace` (a), `sum` (h + a) or `mean` ((h + a) / 2),
-      and the forward pass resumes; decoding then runs unmodified.
-  kv  Homogeneous KV-cache communication: the senders' prefills (role prompt + question, in sender
-      order, one continuous context) leave a KV cache that the receiver attends to: the receiver's
-      prompt is appended after it and generation reads the whole cache. (With one shared backbone
-      this is exact cache reuse, not a learned cross-model transform.)
-Both count every sender prompt token as processed (prefill), as TFlow's sender prefills are.
+  ac         Activation communication (arXiv 2501.14082): each sender reads the question under its role
+             prompt; its last-token hidden state after layer k is taken (the senders' states averaged).
+             The receiver's prefill is paused after its layer j at the prompt's last token, its state h is
+             combined with the senders' state a by `replace` (a), `sum` (h + a) or `mean` ((h + a) / 2),
+             and the forward pass resumes; decoding then runs unmodified.
+  kv         KV-cache communication after the senders reason (as KV-based multi-agent systems): each sender
+             writes its message (kv.message_tokens) under its role prompt, and the receiver attends to every
+             sender's KV of its prompt and message before reading its own prompt.
+  kv_prompt  Prompt-only KV: the senders' prefills (role prompt + sender view, one continuous context) leave
+             a cache the receiver's prompt follows. With one shared backbone this equals a longer prompt, so
+             nothing a sender computed reaches the receiver: a control, named so.
+All count every sender prompt (and message) token as processed, as TFlow's sender prefills are. The
+heterogeneous, learned variant is `tflow.methods.kv_hetero`.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from omegaconf import DictConfig
+from transformers import DynamicCache
 
 from tflow.accounting import Accounting, PrefillTimer
 from tflow.agents import receiver_batch
@@ -109,7 +113,9 @@ class ActivationCommunication:
         return [MethodOutput(t, n, tr, row) for (t, n, tr), row in zip(res, rows)]
 
 
-def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+# ----------------------------------------------------------------------------- KV caches and rotary positions
+def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows -> ids, mask [B, T], left-padded."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -119,13 +125,76 @@ def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tens
     return ids, mask
 
 
-class KVCommunication:
-    name = "kv"
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position of every token of a padded row [B, T]: real tokens 0, 1, ... (padding: 0)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def rotary(bb: Backbone, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backbone's rotary (cos, sin) at positions pos [B, T], fp32, as [B, 1, T, head_dim] each."""
+    cos, sin = bb.model.model.rotary_emb(torch.zeros(1, device=bb.device), pos.to(bb.device))
+    return cos.float().unsqueeze(1), sin.float().unsqueeze(1)
+
+
+def _half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, -1)
+    return torch.cat((-b, a), -1)
+
+
+def rotate(x: torch.Tensor, cs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Apply rotary (cos, sin) to keys x [B, H, T, d] (Llama/Qwen's half-split pairs)."""
+    cos, sin = cs
+    return x * cos + _half(x) * sin
+
+
+def unrotate(x: torch.Tensor, cs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Undo `rotate` with the same (cos, sin): exact, also when the rotary scales them (YaRN-style)."""
+    cos, sin = cs
+    return (x * cos - _half(x) * sin) / (cos ** 2 + sin ** 2)
+
+
+def cache_tensors(cache: DynamicCache) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of every layer of a cache: [L, B, H, T, d] each."""
+    return torch.stack([layer.keys for layer in cache.layers]), torch.stack([layer.values for layer in cache.layers])
+
+
+def as_cache(keys: torch.Tensor, values: torch.Tensor) -> DynamicCache:
+    """A cache holding keys and values [L, B, H, T, d] (autograd flows through it)."""
+    return DynamicCache(ddp_cache_data=list(zip(keys.unbind(0), values.unbind(0))))
+
+
+def receive(bb: Backbone, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, cache: DynamicCache,
+            prompt: dict[str, torch.Tensor], ev: DictConfig, acc: Accounting, task_ids: Sequence[str]
+            ) -> list[tuple[str, int, bool]]:
+    """The receiver answers its left-padded `prompt` batch after a transferred `cache` of the prefix [B, P]
+    (masked where prefix_mask is 0; generate numbers the real tokens on from the prefix's); row i answers
+    problem task_ids[i] (its sampling seed). Adds its prefill and decode seconds to `acc`; returns (text,
+    generated tokens, truncated) per row."""
+    ids = torch.cat([prefix_ids, prompt["input_ids"]], 1).to(bb.device)
+    mask = torch.cat([prefix_mask, prompt["attention_mask"]], 1).to(bb.device)
+    timer = PrefillTimer()
+    with torch.no_grad():
+        out = bb.model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=ev.max_new_tokens,
+                                pad_token_id=bb.tokenizer.pad_token_id, streamer=timer,
+                                **sampling(ev, task_ids, "receiver"))
+    prefill, decode = timer.split()
+    acc.add_seconds("receiver_prefill", prefill)
+    acc.add_seconds("decode", decode)
+    return decode_rows(bb.tokenizer, out[:, ids.shape[1]:])
+
+
+# ----------------------------------------------------------------------------- homogeneous KV comparators
+class KVPromptCommunication:
+    """`kv_prompt`: the senders' prompts (role prompt + sender view, in sender order, one continuous context)
+    prefilled once; the receiver's prompt is appended after that cache. With one shared backbone this equals a
+    longer prompt: nothing a sender computed beyond reading reaches the receiver (kept as that control)."""
+
+    name = "kv_prompt"
 
     def __init__(self, cfg: DictConfig, receiver: Backbone, sender: Backbone):
         if sender is not receiver:
-            raise ConfigError("method kv is homogeneous KV-cache communication: it needs the senders to share the "
-                              "receiver's backbone (leave model.sender unset)")
+            raise ConfigError(f"method {self.name} is homogeneous KV-cache communication: it needs the senders to "
+                              "share the receiver's backbone (leave model.sender unset; kv_hetero maps across models)")
         self.cfg, self.model = cfg, receiver
 
     @classmethod
@@ -144,14 +213,14 @@ class KVCommunication:
         enc = lambda role, text: tok(chat_text(tok, role, text), add_special_tokens=False)["input_ids"]  # noqa: E731
         prefix, counts = [], []
         for p in problems:
-            parts = {f"sender:{r}": enc(r, p.question) for r in self.cfg.agents.senders}
+            parts = {f"sender:{r}": enc(r, p.sender_view) for r in self.cfg.agents.senders}
             prefix.append([t for ids in parts.values() for t in ids])
             counts.append({a: len(ids) for a, ids in parts.items()})
         rec = [enc(self.cfg.agents.receiver, q) for q in prompts]
         for c, r in zip(counts, rec):
             c["receiver"] = len(r)
-        p_ids, p_mask = _left_pad(prefix, tok.pad_token_id)
-        r_ids, r_mask = _left_pad(rec, tok.pad_token_id)
+        p_ids, p_mask = left_pad(prefix, tok.pad_token_id)
+        r_ids, r_mask = left_pad(rec, tok.pad_token_id)
         return torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1), p_ids.shape[1], counts
 
     @torch.no_grad()
@@ -159,22 +228,78 @@ class KVCommunication:
         acc, rows = Accounting(), [Accounting() for _ in problems]
         ids, mask, P, counts = self.layout(problems, prompts)
         dev = self.model.device
-        ids, mask = ids.to(dev), mask.to(dev)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
         with acc.phase("sender_prefill"):  # the senders' KV cache of the shared context
-            cache = self.model.model(input_ids=ids[:, :P], attention_mask=mask[:, :P], position_ids=pos[:, :P],
-                                     use_cache=True).past_key_values
-        timer = PrefillTimer()
-        out = self.model.model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache,
-                                        max_new_tokens=self.cfg.eval.max_new_tokens,
-                                        pad_token_id=self.model.tokenizer.pad_token_id, streamer=timer,
-                                        **sampling(self.cfg.eval, [p.task_id for p in problems], "receiver"))
-        prefill, decode = timer.split()
-        acc.add_seconds("receiver_prefill", prefill)
-        acc.add_seconds("decode", decode)
-        res = decode_rows(self.model.tokenizer, out[:, ids.shape[1]:])
+            cache = self.model.model(input_ids=ids[:, :P].to(dev), attention_mask=mask[:, :P].to(dev),
+                                     position_ids=positions(mask[:, :P]).to(dev), use_cache=True).past_key_values
+        res = receive(self.model, ids[:, :P], mask[:, :P], cache, {"input_ids": ids[:, P:], "attention_mask": mask[:, P:]},
+                      self.cfg.eval, acc, [p.task_id for p in problems])
         for row, c, (_, n, _) in zip(rows, counts, res):
             for agent, k in c.items():
                 row.add_tokens(agent, prompt=k, generated=n if agent == "receiver" else 0)
+        share_seconds(acc, rows)
+        return [MethodOutput(t, n, tr, row) for (t, n, tr), row in zip(res, rows)]
+
+
+@torch.no_grad()
+def message_cache(bb: Backbone, role: str, views: Sequence[str], tokens: int, ev: DictConfig, acc: Accounting,
+                  task_ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[int], list[int]]:
+    """One sender writes its message (role prompt + view, exactly `tokens` new tokens, as TextMAS short48) and
+    keeps the KV of its prompt and message. Returns ids, keep mask, its positions [B, T] (prompt + message
+    tokens; keep is 0 at padding and after a row's end of turn), keys and values [L, B, H, T, d], and per
+    row the prompt and message token counts."""
+    batch = receiver_batch(bb.tokenizer, role, views, padding_side="left")
+    batch = {k: v.to(bb.device) for k, v in batch.items()}
+    timer = PrefillTimer()
+    out = bb.model.generate(**batch, max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=bb.tokenizer.pad_token_id,
+                            streamer=timer, return_dict_in_generate=True,
+                            **sampling(ev, task_ids, f"sender:{role}"))
+    prefill, decode = timer.split()
+    acc.add_seconds("sender_prefill", prefill)
+    acc.add_seconds("sender_decode", decode)
+    seq, width = out.sequences, batch["input_ids"].shape[1]  # [B, T]: prompt then message
+    full = torch.cat([batch["attention_mask"], torch.ones_like(seq[:, width:])], 1)
+    pos = positions(full)  # what generate numbered the tokens with
+    cache = out.past_key_values
+    with acc.phase("sender_decode"):  # generate samples the last token but never reads it: its KV too
+        bb.model(input_ids=seq[:, -1:], attention_mask=full, position_ids=pos[:, -1:], past_key_values=cache)
+    keys, values = cache_tensors(cache)
+    if keys.shape[3] != seq.shape[1]:
+        raise RuntimeError(f"sender cache holds {keys.shape[3]} tokens, expected {seq.shape[1]}")
+    sent = [n for _, n, _ in decode_rows(bb.tokenizer, seq[:, width:], forced=True)]
+    keep = full.clone()
+    for i, n in enumerate(sent):
+        keep[i, width + n:] = 0
+    return seq, keep, pos, keys, values, batch["attention_mask"].sum(1).tolist(), sent
+
+
+class KVCommunication(KVPromptCommunication):
+    """`kv`: each sender first writes its message (kv.message_tokens, as TextMAS short48's senders); the
+    receiver attends to every sender's KV of its prompt AND message (sender order), then reads its prompt.
+    The senders' caches are computed apart (each from position 0); their keys are moved to the positions the
+    receiver gives the transferred tokens (rotary undone at the sender's, applied at the receiver's), the
+    `transform` phase."""
+
+    name = "kv"
+
+    @torch.no_grad()
+    def answer(self, problems: Sequence[EvalProblem], prompts: Sequence[str]) -> list[MethodOutput]:
+        acc, rows = Accounting(), [Accounting() for _ in problems]
+        parts = []
+        for role in self.cfg.agents.senders:
+            seq, keep, pos, keys, values, n_prompt, n_sent = message_cache(
+                self.model, role, [p.sender_view for p in problems], self.cfg.kv.message_tokens, self.cfg.eval, acc,
+                [p.task_id for p in problems])
+            parts.append((seq, keep, pos, keys, values))
+            for row, a, b in zip(rows, n_prompt, n_sent):
+                row.add_tokens(f"sender:{role}", prompt=a, generated=b)
+        with acc.phase("transform"):  # the edge: concatenate the senders' caches at the receiver's positions
+            ids, keep, src = (torch.cat([p[i] for p in parts], 1) for i in range(3))
+            keys, values = (torch.cat([p[i] for p in parts], 3) for i in (3, 4))  # [L, B, H, P, d]
+            keys = rotate(unrotate(keys.float(), rotary(self.model, src)), rotary(self.model, positions(keep)))
+            cache = as_cache(keys.to(values.dtype), values)
+        prompt = receiver_batch(self.model.tokenizer, self.cfg.agents.receiver, prompts, padding_side="left")
+        res = receive(self.model, ids, keep, cache, prompt, self.cfg.eval, acc, [p.task_id for p in problems])
+        for i, (row, (_, n, _)) in enumerate(zip(rows, res)):
+            row.add_tokens("receiver", prompt=int(prompt["attention_mask"][i].sum()), generated=n)
         share_seconds(acc, rows)
         return [MethodOutput(t, n, tr, row) for (t, n, tr), row in zip(res, rows)]
