@@ -134,7 +134,7 @@ def fact_macros(facts: dict) -> dict[str, str]:
            "trainMix": text(facts.get("mix")), "generatorVariant": text(gen.get("variant")),
            "genParams": num(gen["parameters"]) if finite(gen.get("parameters")) else "--",
            "genValues": num(gen["generated_values_per_query"]) if finite(gen.get("generated_values_per_query")) else "--",
-           "alpha": str(ALPHA)}
+           "sigLevel": str(ALPHA)}  # not \alpha: that is LaTeX's Greek letter
     for method, n in (facts.get("trained_parameters") or {}).items():
         out["params" + camel(method)] = num(n) if finite(n) else "--"
     return out

@@ -17,7 +17,8 @@ for path in snakemake.input.get("generator", []):  # noqa: F821
 facts["trained_parameters"] = {}
 for path in snakemake.input.get("trained", []):  # noqa: F821
     summary = json.loads((Path(path).parent / "train_summary.json").read_text())
-    facts["trained_parameters"][summary["method"]] = summary["trainable_parameters"]
+    dag_name = Path(path).parent.parent.name  # trained/<DAG method>/seed~0: lmnet and lmnet-mlp apart
+    facts["trained_parameters"][dag_name] = summary["trainable_parameters"]
 facts["provenance"] = provenance()
 write_json_atomic(snakemake.output.facts, facts)  # noqa: F821
 logging.info("facts: %s", facts)
