@@ -9,6 +9,8 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+for _key in ("families", "ablations"):  # `<name>: null` in a layered --configfile removes an inherited entry
+    config[_key] = {k: v for k, v in (config.get(_key) or {}).items() if v is not None}
 validate(config, "workflow/schemas/config.schema.yaml")
 
 

@@ -217,7 +217,7 @@ def test_macros_unique_deterministic_verdicts_and_cover_main_tex(frames, specs):
     tex = (ROOT / "paper" / "main.tex").read_text()
     standard = {"documentclass", "input", "title", "author", "date", "begin", "end", "maketitle", "section",
                 "label", "ref", "caption", "centering", "includegraphics", "linewidth", "mathrm", "times", "tflow",
-                "paragraph", "emph"}
+                "paragraph", "emph", "alpha"}
     used = set(re.findall(r"\\([A-Za-z]+)", tex)) - standard
     assert len(used) > 60 and used <= set(names), used - set(names)
     sparse = macro_definitions(stats[(stats.task == "gsm8k") & (stats.family != "heldout")], specs, {})

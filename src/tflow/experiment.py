@@ -163,6 +163,9 @@ class Experiment:
     """A validated DAG configuration: its cells, jobs, paths and every job's arguments."""
 
     def __init__(self, config: Mapping[str, Any]):
+        # a config layered over config/config.yaml removes an inherited family or ablation with `<name>: null`
+        config = {**config, **{k: {n: v for n, v in (config.get(k) or {}).items() if v is not None}
+                                for k in ("families", "ablations")}}
         self.config = config
         self.root = f"results/{config['run_name']}"
         self.layers = list(config["run_config"])
