@@ -119,3 +119,43 @@ def test_max_fusion_cannot_be_exported(tiny_backbone, tmp_path):
     with pytest.raises(TFlowError, match="max"):
         export_peft(delta, 0, tiny_backbone.model, linears, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
+
+
+def test_tflow_across_sizes_trains_and_answers(tiny_tokenizer, tmp_path, data_dir):
+    """TFlow with senders of one width (32) and a receiver of another (48), as the 0.5B -> 1.5B pair
+    (config/run/qwen_pair.yaml): the generator reads the senders' width and writes the receiver's LoRA shapes;
+    it trains, its checkpoint records both models, and the evaluation entry point answers with it."""
+    from tflow.evaluate import evaluate
+    from tflow.models import load_backbones
+    from tflow.train import train
+
+    folders = {}
+    for name, hidden, seed in (("r48", 48, 0), ("s32", 32, 1)):
+        make_backbone(tiny_tokenizer, seed=seed, hidden=hidden, init_range=0.5).model.save_pretrained(tmp_path / name)
+        tiny_tokenizer.save_pretrained(tmp_path / name)
+        folders[name] = tmp_path / name
+    models = ["model.receiver.source=path", f"model.receiver.name={folders['r48']}", "model.receiver.dtype=float32",
+              "model.sender.source=path", f"model.sender.name={folders['s32']}", "model.sender.dtype=float32",
+              f"data.data_dir={data_dir}"]
+    cfg = _cfg(tmp_path, *models, "train.steps=3", "train.batch_size=2", "train.ckpt_every=100")
+    receiver, sender = load_backbones(cfg)
+    assert (receiver.model.config.hidden_size, sender.model.config.hidden_size) == (48, 32)
+    tflow = build_tflow(cfg, receiver, sender)
+    for head in tflow.generator.heads.values():
+        torch.nn.init.normal_(head.weight, std=0.3)
+    q = PROBLEMS[0].question
+    per = [[sender_states(sender, r, [q], 64)[0][0] for r in cfg.agents.senders]]  # [L+1, T, 32] each
+    batch = receiver_batch(receiver.tokenizer, "solver", [q])
+    delta, _ = delta_for(tflow, receiver, per, batch)
+    with torch.no_grad():  # the receiver's own Linear shapes take the update
+        base = receiver.model(**batch).logits
+        with TransientLoRA(target_linears(receiver.model, list(cfg.lora.targets)), delta):
+            assert (receiver.model(**batch).logits - base).abs().max() > 1e-3
+    final = train(cfg, progress=False, problems=PROBLEMS)
+    ckpt = read_checkpoint(final)
+    assert ckpt["trained_steps"] == 3 and ckpt["receiver"]["hidden_size"] == 48 and ckpt["sender"]["hidden_size"] == 32
+    ev = load_config(overrides=TINY_OVERRIDES + models + [
+        f"model.cache_dir={tmp_path / 'cache'}", "eval.task=gsm8k", "eval.n=2", "eval.max_new_tokens=3",
+        "eval.method=tflow", f"eval.checkpoint={final}", f"eval.out_dir={tmp_path / 'eval'}"])
+    metrics = evaluate(ev)
+    assert metrics["n"] == 2 and metrics["method"] == "tflow"
