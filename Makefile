@@ -19,7 +19,7 @@ reproduce: setup  ## the whole default DAG (config/config.yaml): data, training,
 	$(PY) -m snakemake --cores $(CORES)
 	@echo; echo "== main family (results/$(RUN)/stats/cells.csv; tables in paper/tables/, figures in paper/figures/) =="
 	@$(PY) -c "import pandas as pd; d=pd.read_csv('results/$(RUN)/stats/cells.csv'); d=d[d.family=='main']; \
-	  print(d[['task','method','n_problems','n_seeds','acc_mean','acc_ci_low','acc_ci_high','tokens_mean','seconds_mean','p_holm']].to_string(index=False, float_format=lambda x: f'{x:.3g}'))"
+	  print(d[['task','method','n_problems','n_seeds','score_mean','score_ci_low','score_ci_high','delta','p_holm','tokens_mean']].to_string(index=False, float_format=lambda x: f'{x:.3g}'))"
 
 test: setup  ## the default test suite (CPU, a few minutes)
 	$(PY) -m pytest -q

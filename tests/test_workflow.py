@@ -281,6 +281,8 @@ def test_tiny_end_to_end_run_writes_every_artifact_then_does_nothing(tiny_projec
         pytest.fail("TFLOW_REQUIRE_LATEX=1 but latexmk is not installed (see README: apt-get install latexmk ...)")
     stats = (work / "results" / "tiny" / "stats" / "cells.csv").read_text()
     assert "ablation_fusion" in stats and "tflow_shuffled" in stats
+    printed = re.search(r"print\(d\[\[([^]]*)\]\]", (ROOT / "Makefile").read_text()).group(1)  # make reproduce's table
+    assert {c.strip(" '") for c in printed.split(",")} <= set(stats.splitlines()[0].split(","))
     again = _run_dag(work, "-n")
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr, again.stdout + again.stderr
     report = _run_dag(work, "--report", str(work / "report.html"))
