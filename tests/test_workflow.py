@@ -310,6 +310,7 @@ def test_editing_one_sweep_row_reruns_only_that_cell(tiny_project):
 
 def test_family_tasks_outside_the_run_fail_naming_the_family(tmp_path):
     cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-    cfg["tasks"] = ["gsm8k"]
+    cfg["tasks"] = ["gsm8k", "humanevalplus"]
+    cfg["families"]["controls"]["tasks"] = ["gsm8k", "math500"]
     res = _snakemake("-n", "--directory", str(ROOT), "--configfile", str(_write(tmp_path, yaml.safe_dump(cfg))))
-    assert res.returncode != 0 and re.search(r"families\.\w+\.tasks: \[.math500.\] not in the run.s tasks", res.stdout + res.stderr), res.stdout + res.stderr
+    assert res.returncode != 0 and re.search(r"families\.controls\.tasks: \[.math500.\] not in the run.s tasks", res.stdout + res.stderr), res.stdout + res.stderr
