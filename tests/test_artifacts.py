@@ -254,6 +254,25 @@ def test_every_figure_spec_writes_pdf_and_png_with_provenance(frames, specs, tmp
                                                                for e in ("pdf", "png"))  # no temp files left
 
 
+def test_heldout_figure_draws_paired_differences_to_the_baseline(frames, specs):
+    """The held-out figure shows each method's difference to the baseline with its paired CI (what the tests
+    use), not the marginal scores, and the baseline as the zero line."""
+    stats, per_seed = frames
+    spec = next(f for f in specs["figures"] if f["name"] == "heldout")
+    fig = figures.render_figure(stats, per_seed, spec, specs)
+    ax = fig.axes[0]
+    task = spec["tasks"][0]
+    want = stats[(stats.family == "heldout") & (stats.task == task) & ~stats.is_baseline.astype(bool)]
+    want = want.set_index("method").loc[[m for m in spec["methods"] if m in set(want.method)]]
+    drawn = [line.get_ydata()[0] for line in ax.lines if line.get_linestyle() == "None" and line.get_marker() != "_"]
+    assert np.allclose(drawn, want.delta.to_numpy())
+    zero = [line for line in ax.lines if line.get_linestyle() == "--"]
+    assert len(zero) == 1 and np.allclose(zero[0].get_ydata(), 0.0)
+    caps = sorted({round(float(y), 6) for line in ax.lines if line.get_marker() == "_" for y in line.get_ydata()})
+    assert set(np.round(want.delta_ci_low, 6)) <= set(caps) and set(np.round(want.delta_ci_high, 6)) <= set(caps)
+    figures.plt.close(fig)
+
+
 def test_figure_without_data_fails_naming_the_spec(frames, specs):
     stats, per_seed = frames
     fig_spec = {f["name"]: f for f in specs["figures"]}

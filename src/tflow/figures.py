@@ -189,22 +189,37 @@ def _is_number(value) -> bool:
 
 
 def scores(stats, per_seed, spec, specs):
-    """Each method's score (accuracy %, or CE) with its 95% CI, a panel per task (the held-out family)."""
+    """Held-out family, a panel per task: each method's paired difference to the family's baseline with its 95%
+    CI (what the tests use; the methods' marginal CIs overlap because problems differ in difficulty), the
+    baseline as the zero line with its own score in the legend. Without differences: the scores and their CIs."""
     methods = spec["methods"]
     fig, panels = _panels(spec, stats, specs, lambda t: any(
         len(_rows(stats, spec, m, t).dropna(subset=["score_mean"])) for m in methods))
-    for ax, t in panels:
+    for n, (ax, t) in enumerate(panels):
         shown = [(i, m, _rows(stats, spec, m, t).dropna(subset=["score_mean"])) for i, m in enumerate(methods)]
         shown = [(i, m, d.iloc[0]) for i, m, d in shown if len(d)]
         ce = shown[0][2]["metric"] == "ce"
-        k = 1.0 if ce else 100.0
+        k, unit = (1.0, "nats/token") if ce else (100.0, "points")
+        base = [(i, m, r) for i, m, r in shown if bool(r.get("is_baseline"))]
+        paired = bool(base) and all(finite(r.get("delta")) for _, _, r in shown if not r.get("is_baseline"))
+        if paired:
+            _, bm, br = base[0]
+            ax.axhline(0.0, color="0.4", lw=1, ls="--", label=f"{label(specs, 'method', bm, tex=False)} "
+                                                                f"({k * br['score_mean']:.3g})")
+            shown = [s for s in shown if not bool(s[2].get("is_baseline"))]
         for j, (i, m, r) in enumerate(shown):
-            y = k * r["score_mean"]
-            ax.errorbar([j], [y], yerr=[[y - k * r["score_ci_low"]], [k * r["score_ci_high"] - y]], fmt=MARKERS[i % 8],
+            y, lo, hi = ((r["delta"], r["delta_ci_low"], r["delta_ci_high"]) if paired
+                         else (r["score_mean"], r["score_ci_low"], r["score_ci_high"]))
+            ax.errorbar([j], [k * y], yerr=[[k * (y - lo)], [k * (hi - y)]], fmt=MARKERS[i % 8],
                         color=OKABE_ITO[i % len(OKABE_ITO)], capsize=4, markersize=7)
-        ax.set_xticks(range(len(shown)), [label(specs, "method", m, tex=False) for _, m, _ in shown], rotation=30,
+        ax.set_xticks(range(len(shown)), [label(specs, "method", m, tex=False) for _, m, _ in shown], rotation=20,
                       ha="right")
-        ax.set_ylabel("Cross-entropy on reference solutions (nats/token)" if ce else "Accuracy (%)")
+        ax.set_xlim(-0.5, len(shown) - 0.5)
+        if paired:
+            ax.legend(loc="best", fontsize=8, frameon=False)
+        if n % 3 == 0:  # one y label per row of panels
+            what = "CE" if ce else "Accuracy"
+            ax.set_ylabel(f"{what} difference ({unit})" if paired else ("CE (nats/token)" if ce else "Accuracy (%)"))
     return fig
 
 
