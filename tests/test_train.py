@@ -159,3 +159,57 @@ def test_tflow_across_sizes_trains_and_answers(tiny_tokenizer, tmp_path, data_di
         "eval.method=tflow", f"eval.checkpoint={final}", f"eval.out_dir={tmp_path / 'eval'}"])
     metrics = evaluate(ev)
     assert metrics["n"] == 2 and metrics["method"] == "tflow"
+
+
+def test_validation_curve_is_logged_resumes_and_chooses_steps(tiny_tokenizer, tmp_path):
+    """train.validation_every logs the generator's CE on held-back problems every N steps and after the last;
+    an interrupted run resumes to the same records; tflow.curve reads them, draws them and picks the steps."""
+    from tflow import curve
+    from tflow.train import train
+
+    bb = make_backbone(tiny_tokenizer)
+    held = [Problem(f"v/{i}", f"What is {i} times 2?", f"The answer is {2 * i}.", str(2 * i)) for i in range(3)]
+
+    def run(folder, stop_after=None):
+        cfg = _cfg(folder, "train.steps=5", "train.batch_size=2", "train.ckpt_every=2", "train.validation_every=2")
+        return train(cfg, progress=False, stop_after=stop_after, backbones=(bb, bb), problems=PROBLEMS,
+                     validation=held)
+
+    def curve_of(folder):
+        return [r for r in map(json.loads, (folder / "run" / "train_log.jsonl").read_text().splitlines())
+                if "validation_ce" in r]
+
+    run(tmp_path / "a")
+    straight = curve_of(tmp_path / "a")
+    assert [r["steps_done"] for r in straight] == [2, 4, 5] and all(r["validation_problems"] == 3 for r in straight)
+    assert all(0 < r["validation_ce"] < 20 for r in straight)
+    assert run(tmp_path / "b", stop_after=3) is None  # checkpoint after 3 steps, validation record of step 2 kept
+    run(tmp_path / "b")
+    assert curve_of(tmp_path / "b") == straight
+
+    log = tmp_path / "a" / "run" / "train_log.jsonl"
+    assert curve.read_curve(log) == [(r["steps_done"], r["validation_ce"]) for r in straight]
+    curve.main([str(log), "--out-dir", str(tmp_path / "fig"), "--tolerance", "0.5"])
+    out = json.loads((tmp_path / "fig" / "curve.json").read_text())["runs"][str(log.parent)]
+    assert out["chosen_steps"] in (2, 4, 5) and out["best_ce"] == min(r["validation_ce"] for r in straight)
+    assert (tmp_path / "fig" / "curve.png").stat().st_size > 1000 and (tmp_path / "fig" / "curve.pdf").is_file()
+
+
+def test_choose_steps_finds_the_plateau_and_says_when_there_is_none():
+    from tflow.curve import choose_steps
+
+    flat = choose_steps([(25, 1.30), (50, 1.10), (75, 1.004), (100, 1.0), (125, 1.003)], tolerance=0.01)
+    assert flat["chosen_steps"] == 75 and flat["best_step"] == 100 and flat["plateaued"]
+    falling = choose_steps([(25, 1.3), (50, 1.2), (75, 1.1)], tolerance=0.01)
+    assert falling["chosen_steps"] == 75 and not falling["plateaued"]
+
+
+def test_curve_without_validation_records_is_a_clear_error(tmp_path):
+    from tflow.curve import read_curve
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text(json.dumps({"step": 0, "loss": 1.0}) + "\n")
+    with pytest.raises(TFlowError, match="validation_every"):
+        read_curve(log)
+    with pytest.raises(TFlowError, match="no training log"):
+        read_curve(tmp_path / "missing.jsonl")

@@ -135,6 +135,8 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 50
+    validation_every: int = 0  # the generator's CE on the held-back validation problems every N steps and after
+    # the last (train_log.jsonl; `python -m tflow.curve` draws it and finds where it stops improving); 0 = never
     out_dir: str = "results/runs/default"
 
 
@@ -277,6 +279,7 @@ def validate(cfg: DictConfig) -> None:
         need(b.source in ("asset", "hub", "path"), f"{key}.source", "must be asset, hub or path")
         need(b.dtype in ("float32", "bfloat16", "float16"), f"{key}.dtype", "must be float32, bfloat16 or float16")
     need(cfg.train.steps >= 1 and cfg.train.batch_size >= 1, "train", "steps and batch_size must be >= 1")
+    need(cfg.train.validation_every >= 0, "train.validation_every", "must be >= 0 (0: no validation curve)")
     ev = cfg.eval
     need(ev.source in ("offline", "hub"), "eval.source", "must be offline or hub")
     need(ev.cache in ("dynamic", "static"), "eval.cache", "must be dynamic or static")

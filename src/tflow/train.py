@@ -3,7 +3,8 @@
     python -m tflow.train --config config/run/cpu.yaml [key=value ...]
 
 Writes into `train.out_dir`: config.yaml (resolved), train_log.jsonl (loss, grad norm, |delta-W|
-per layer), ckpt/last.pt (resumable state), generator.pt (final), train_summary.json. Rerunning
+per layer; with train.validation_every, validation CE records), ckpt/last.pt (resumable state),
+generator.pt (final), train_summary.json. Rerunning
 the same command resumes from the last checkpoint and continues exactly as an uninterrupted run.
 """
 from __future__ import annotations
@@ -54,6 +55,23 @@ def receiver_loss(tflow: TFlow, receiver: Backbone, linears: dict, conds: list[l
     return ce, l2, sq, int((batch["labels"][:, 1:] != -100).sum())
 
 
+@torch.no_grad()
+def validation_ce(tflow: TFlow, receiver: Backbone, linears: dict, cache: ConditionCache,
+                  problems: Sequence[Problem], cfg: DictConfig) -> float:
+    """Token-weighted receiver CE on held-back validation problems under the current generator (NaN: none)."""
+    if not problems:
+        return float("nan")
+    was_training, total, tokens = tflow.training, 0.0, 0
+    tflow.eval()
+    for k in range(0, len(problems), cfg.train.batch_size):
+        chunk = problems[k:k + cfg.train.batch_size]
+        by_role = [cache.get(None, r, [sender_view(p) for p in chunk]) for r in cfg.agents.senders]
+        ce, _, _, n_tok = receiver_loss(tflow, receiver, linears, [list(c) for c in zip(*by_role)], chunk, cfg)
+        total, tokens = total + ce.item() * n_tok, tokens + n_tok
+    tflow.train(was_training)
+    return total / max(tokens, 1)
+
+
 def layer_norms(sq: dict[str, torch.Tensor]) -> dict[str, float]:
     """Mean |delta-W|_F per decoder layer (over modules, rows and senders)."""
     per: dict[str, list[float]] = {}
@@ -78,18 +96,19 @@ def batch_problems(problems: list[Problem], step: int, bs: int) -> list[Problem]
 
 def train(cfg: DictConfig, progress: bool = True, stop_after: int | None = None,
           backbones: tuple[Backbone, Backbone] | None = None, problems: list[Problem] | None = None,
-          restart_on_change: bool = False) -> Path | None:
+          restart_on_change: bool = False, validation: list[Problem] | None = None) -> Path | None:
     """Train (or resume) the generator described by `cfg`; returns the final checkpoint's path.
 
     stop_after: leave after this many steps of *this* invocation with a resumable checkpoint and
-    return None (time-sliced cluster jobs). backbones / problems: use these instead of loading
-    the configured ones (tests, notebooks). restart_on_change: discard a checkpoint of another
+    return None (time-sliced cluster jobs). backbones / problems / validation: use these instead of
+    loading the configured ones (tests, notebooks). restart_on_change: discard a checkpoint of another
     config in train.out_dir instead of failing (the workflow reruns a job whose settings changed).
     Under torchrun (WORLD_SIZE > 1) the ranks train one generator data-parallel (tflow.distributed);
     rank 0 alone writes files."""
     world = distributed.setup(cfg.train.batch_size, cfg.model.receiver.device)
     try:
-        return _train(cfg, world, progress and world.main, stop_after, backbones, problems, restart_on_change)
+        return _train(cfg, world, progress and world.main, stop_after, backbones, problems, restart_on_change,
+                      validation)
     finally:
         distributed.teardown(world)
 
@@ -107,7 +126,7 @@ def _rank_config(cfg: DictConfig, world: distributed.World) -> DictConfig:
 
 def _train(cfg: DictConfig, world: distributed.World, progress: bool, stop_after: int | None,
            backbones: tuple[Backbone, Backbone] | None, problems: list[Problem] | None,
-           restart_on_change: bool) -> Path | None:
+           restart_on_change: bool, validation: list[Problem] | None = None) -> Path | None:
     out = Path(cfg.train.out_dir)
     final = out / "generator.pt"
     chash = config_hash(cfg)
@@ -133,7 +152,7 @@ def _train(cfg: DictConfig, world: distributed.World, progress: bool, stop_after
 
     budget = cfg.train.steps * cfg.train.batch_size
     data = training_set(cfg.data, cfg.train.seed, budget, cfg.model.cache_dir) if problems is None else \
-        TrainingSet(problems[:budget], {"given": {"kept": len(problems)}})
+        TrainingSet(problems[:budget], {"given": {"kept": len(problems)}}, validation=list(validation or []))
     problems = data.problems
     if world.main:  # after the data loaded: a missing data folder leaves nothing in out_dir
         out.mkdir(parents=True, exist_ok=True)
@@ -143,8 +162,9 @@ def _train(cfg: DictConfig, world: distributed.World, progress: bool, stop_after
     cache = ConditionCache(cfg.model.cache_dir, sender, cfg.agents.max_question_tokens)
     if not world.main:  # rank 0 fills the shared cache first; the others then read it
         distributed.barrier(world)
+    validation = data.validation if cfg.train.validation_every else []
     for role in cfg.agents.senders:  # senders are frozen: one prefill per question, ever (read per batch)
-        cache.ensure(sender, role, [sender_view(p) for p in problems], progress=progress)
+        cache.ensure(sender, role, [sender_view(p) for p in [*problems, *validation]], progress=progress)
     if world.main:
         distributed.barrier(world)
 
@@ -197,6 +217,14 @@ def _train(cfg: DictConfig, world: distributed.World, progress: bool, stop_after
                        "delta_w_norm_per_layer": layer_norms(sq)}
                 log_file.write(json.dumps(rec) + "\n")
                 log_file.flush()
+            every = cfg.train.validation_every
+            if world.main and every and ((step + 1) % every == 0 or step == cfg.train.steps - 1):
+                # logged under the step just taken, so a resume that truncates at its start keeps it
+                val = validation_ce(tflow, receiver, linears, cache, validation, cfg)
+                log_file.write(json.dumps({"step": step, "steps_done": step + 1, "validation_ce": val,
+                                           "validation_problems": len(validation)}) + "\n")
+                log_file.flush()
+                log.info("step %d: validation CE %.4f on %d problems", step + 1, val, len(validation))
             stopping = stop_after is not None and step + 1 - start >= stop_after and step + 1 < cfg.train.steps
             if world.main and (stopping or ((step + 1) % cfg.train.ckpt_every == 0 and step + 1 < cfg.train.steps)):
                 torch_save_atomic({"model": tflow.state_dict(), "optim": opt.state_dict(), "step": step + 1,
