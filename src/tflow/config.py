@@ -135,8 +135,9 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 50
-    validation_every: int = 0  # the generator's CE on the held-back validation problems every N steps and after
-    # the last (train_log.jsonl; `python -m tflow.curve` draws it and finds where it stops improving); 0 = never
+    validation_every: int = 0  # the generator's CE on the held-back validation problems before training, every N
+    # steps and after the last (train_log.jsonl; `python -m tflow.curve` draws it and finds where it stops
+    # improving); 0 = never
     out_dir: str = "results/runs/default"
 
 

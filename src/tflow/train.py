@@ -72,6 +72,15 @@ def validation_ce(tflow: TFlow, receiver: Backbone, linears: dict, cache: Condit
     return total / max(tokens, 1)
 
 
+def _log_validation(log_file, step: int, ce: float, n: int) -> None:
+    """A validation record under the step just taken (-1: before training), so a resume that truncates the log
+    at its start step keeps it."""
+    log_file.write(json.dumps({"step": step, "steps_done": step + 1, "validation_ce": ce,
+                               "validation_problems": n}) + "\n")
+    log_file.flush()
+    log.info("after %d steps: validation CE %.4f on %d problems", step + 1, ce, n)
+
+
 def layer_norms(sq: dict[str, torch.Tensor]) -> dict[str, float]:
     """Mean |delta-W|_F per decoder layer (over modules, rows and senders)."""
     per: dict[str, list[float]] = {}
@@ -189,6 +198,9 @@ def _train(cfg: DictConfig, world: distributed.World, progress: bool, stop_after
     bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc="train generator",
                disable=not progress)
     with open(log_path, "a") if world.main else contextlib.nullcontext() as log_file:
+        if world.main and cfg.train.validation_every and start == 0:  # the untrained generator's point
+            _log_validation(log_file, -1, validation_ce(tflow, receiver, linears, cache, validation, cfg),
+                            len(validation))
         for step in bar:
             t0 = time.perf_counter()
             for g in opt.param_groups:
@@ -219,12 +231,8 @@ def _train(cfg: DictConfig, world: distributed.World, progress: bool, stop_after
                 log_file.flush()
             every = cfg.train.validation_every
             if world.main and every and ((step + 1) % every == 0 or step == cfg.train.steps - 1):
-                # logged under the step just taken, so a resume that truncates at its start keeps it
-                val = validation_ce(tflow, receiver, linears, cache, validation, cfg)
-                log_file.write(json.dumps({"step": step, "steps_done": step + 1, "validation_ce": val,
-                                           "validation_problems": len(validation)}) + "\n")
-                log_file.flush()
-                log.info("step %d: validation CE %.4f on %d problems", step + 1, val, len(validation))
+                _log_validation(log_file, step, validation_ce(tflow, receiver, linears, cache, validation, cfg),
+                                len(validation))
             stopping = stop_after is not None and step + 1 - start >= stop_after and step + 1 < cfg.train.steps
             if world.main and (stopping or ((step + 1) % cfg.train.ckpt_every == 0 and step + 1 < cfg.train.steps)):
                 torch_save_atomic({"model": tflow.state_dict(), "optim": opt.state_dict(), "step": step + 1,
@@ -270,7 +278,8 @@ def _truncate_log(path: Path, start: int) -> None:
     """Drop log lines past the resume point, so a resumed log has no duplicate steps."""
     if not path.is_file():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < start]
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < start] \
+        if start > 0 else []  # a fresh start keeps nothing (not even a killed run's pre-training record)
     write_text_atomic(path, "".join(ln + "\n" for ln in lines))
 
 
