@@ -195,18 +195,18 @@ def scores(stats, per_seed, spec, specs):
     methods = spec["methods"]
     fig, panels = _panels(spec, stats, specs, lambda t: any(
         len(_rows(stats, spec, m, t).dropna(subset=["score_mean"])) for m in methods))
-    for n, (ax, t) in enumerate(panels):
+    for ax, t in panels:
         shown = [(i, m, _rows(stats, spec, m, t).dropna(subset=["score_mean"])) for i, m in enumerate(methods)]
         shown = [(i, m, d.iloc[0]) for i, m, d in shown if len(d)]
         ce = shown[0][2]["metric"] == "ce"
         k, unit = (1.0, "nats/token") if ce else (100.0, "points")
-        base = [(i, m, r) for i, m, r in shown if bool(r.get("is_baseline"))]
-        paired = bool(base) and all(finite(r.get("delta")) for _, _, r in shown if not r.get("is_baseline"))
+        base = [(m, r) for _, m, r in shown if bool(r.get("is_baseline"))]
+        others = [s for s in shown if not bool(s[2].get("is_baseline"))]
+        paired = bool(base) and all(finite(r.get("delta")) for _, _, r in others)
         if paired:
-            _, bm, br = base[0]
+            (bm, br), shown = base[0], others
             ax.axhline(0.0, color="0.4", lw=1, ls="--", label=f"{label(specs, 'method', bm, tex=False)} "
                                                                 f"({k * br['score_mean']:.3g})")
-            shown = [s for s in shown if not bool(s[2].get("is_baseline"))]
         for j, (i, m, r) in enumerate(shown):
             y, lo, hi = ((r["delta"], r["delta_ci_low"], r["delta_ci_high"]) if paired
                          else (r["score_mean"], r["score_ci_low"], r["score_ci_high"]))
@@ -217,7 +217,7 @@ def scores(stats, per_seed, spec, specs):
         ax.set_xlim(-0.5, len(shown) - 0.5)
         if paired:
             ax.legend(loc="best", fontsize=8, frameon=False)
-        if n % 3 == 0:  # one y label per row of panels
+        if ax.get_subplotspec().is_first_col():  # one y label per row of panels
             what = "CE" if ce else "Accuracy"
             ax.set_ylabel(f"{what} difference ({unit})" if paired else ("CE (nats/token)" if ce else "Accuracy (%)"))
     return fig

@@ -55,6 +55,12 @@ def receiver_loss(tflow: TFlow, receiver: Backbone, linears: dict, conds: list[l
     return ce, l2, sq, int((batch["labels"][:, 1:] != -100).sum())
 
 
+def conditions(cache: ConditionCache, problems: Sequence[Problem], cfg: DictConfig) -> list[list[torch.Tensor]]:
+    """The cached sender conditions of `problems`, [problem][sender]."""
+    by_role = [cache.get(None, r, [sender_view(p) for p in problems]) for r in cfg.agents.senders]
+    return [list(per_problem) for per_problem in zip(*by_role)]
+
+
 @torch.no_grad()
 def validation_ce(tflow: TFlow, receiver: Backbone, linears: dict, cache: ConditionCache,
                   problems: Sequence[Problem], cfg: DictConfig) -> float:
@@ -65,8 +71,7 @@ def validation_ce(tflow: TFlow, receiver: Backbone, linears: dict, cache: Condit
     tflow.eval()
     for k in range(0, len(problems), cfg.train.batch_size):
         chunk = problems[k:k + cfg.train.batch_size]
-        by_role = [cache.get(None, r, [sender_view(p) for p in chunk]) for r in cfg.agents.senders]
-        ce, _, _, n_tok = receiver_loss(tflow, receiver, linears, [list(c) for c in zip(*by_role)], chunk, cfg)
+        ce, _, _, n_tok = receiver_loss(tflow, receiver, linears, conditions(cache, chunk, cfg), chunk, cfg)
         total, tokens = total + ce.item() * n_tok, tokens + n_tok
     tflow.train(was_training)
     return total / max(tokens, 1)
@@ -207,9 +212,7 @@ def _train(cfg: DictConfig, world: distributed.World, progress: bool, stop_after
                 g["lr"] = lr_at(step, cfg)
             probs = batch_problems(problems, step, cfg.train.batch_size)
             mine = distributed.shard(probs, world)  # all of them in a single process
-            by_role = [cache.get(None, r, [sender_view(p) for p in mine]) for r in cfg.agents.senders]
-            conds = [list(per_problem) for per_problem in zip(*by_role)]  # [problem][sender]
-            ce, l2, sq, n_tok = receiver_loss(tflow, receiver, linears, conds, mine, cfg)
+            ce, l2, sq, n_tok = receiver_loss(tflow, receiver, linears, conditions(cache, mine, cfg), mine, cfg)
             # Each rank's share of the batch (1 in a single process): weights that make the summed gradient
             # the whole batch's gradient. One collective gives the token total and the batch's ce and l2.
             row_share = len(mine) / len(probs)
